@@ -1,0 +1,46 @@
+# GeoPEFT: one entry point for set-up, demo, tests and benchmarks.
+# `make install` is idempotent: each step is skipped when its inputs have not changed.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYSPY ?= /usr/bin/python3
+export QT_QPA_PLATFORM ?= offscreen
+APT_PKGS := qgis python3-qgis python3-venv
+
+.PHONY: install apt venv demo test test-all bench plugin qgis screenshots clean
+
+install: apt $(VENV)/.install-stamp
+
+# Debian's QGIS (no recommends) and the venv module; skipped when already installed.
+apt:
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PKGS) 2>/dev/null | grep -c 'install ok installed')" = "$(words $(APT_PKGS))" ]; then \
+	  echo "apt: $(APT_PKGS) already installed"; \
+	else \
+	  echo "apt: installing $(APT_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS); \
+	fi
+
+$(VENV)/bin/python:
+	$(SYSPY) -m venv --system-site-packages $(VENV)
+
+# Re-run pip only when the dependency files change.
+$(VENV)/.install-stamp: $(VENV)/bin/python pyproject.toml constraints.txt
+	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -c "import engine.models, timm, peft, rasterio, fiona, onnxruntime, qgis.core; print('engine environment OK')"
+	touch $@
+
+demo: install
+	$(PY) -m engine demo --out demo
+
+test: install
+	$(PY) -m pytest
+
+test-all: install
+	$(PY) -m pytest -m ''
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info demo

@@ -1,0 +1,1 @@
+"""GeoPEFT engine."""
