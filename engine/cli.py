@@ -1,0 +1,226 @@
+"""``python -m engine <command>`` (or ``geopeft <command>``): a thin shell over the engine.
+
+Every command takes ``--events jsonl`` (the protocol for the QGIS plugin: one JSON object per
+stdout line) or prints human progress to stderr. Exit status: 0 done or cancelled, 2 bad input
+(the message says what to fix), 3 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from engine.protocol import (EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_USER_ERROR, EngineError, Reporter)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", choices=["human", "jsonl"], default="human",
+                   help="jsonl: one JSON event per stdout line (for the QGIS plugin); human: progress on stderr")
+    p.add_argument("--cancel-on-stdin", action="store_true",
+                   help="also cancel when a line 'cancel' arrives on stdin (Windows has no SIGTERM)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", help="fine-tune a foundation model on labelled imagery", formatter_class=fmt)
+    t.add_argument("--image", action="append", required=True, metavar="TIF",
+                   help="input raster; repeat to stack several rasters on the same grid")
+    t.add_argument("--bands", help="1-based bands of the stacked images, e.g. 1,2,3 or 2-7 (default: all)")
+    t.add_argument("--band-names", help="names of the selected bands, comma-separated (default: the "
+                   "rasters' band descriptions), used to match the model's pretrained bands")
+    t.add_argument("--labels", required=True, help="class raster, or vector file (GeoPackage/GeoJSON/Shapefile)")
+    t.add_argument("--label-field", help="class field of vector labels")
+    t.add_argument("--ignore-index", type=int, help="label value meaning 'no label' (besides the raster's nodata)")
+    t.add_argument("--classes", help="JSON list (or .json file) of {value, name, colour} naming the classes")
+    t.add_argument("--backbone", default="prithvi_eo_v2_tiny", help="foundation model (see 'models')")
+    t.add_argument("--weights", default="auto",
+                   help="backbone checkpoint file; 'auto' (hub when reachable, else random), 'hub', or 'none'")
+    t.add_argument("--tuning", default="lora", help="lora, dora, full or linear-probe")
+    t.add_argument("--lora-rank", type=int, default=16)
+    t.add_argument("--lora-alpha", type=int, default=16)
+    t.add_argument("--decoder", default="unet")
+    t.add_argument("--chip-size", type=int, default=224)
+    t.add_argument("--stride", type=int, help="training chip stride in pixels (default: half a chip)")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--max-time", help="time budget, e.g. 90s, 5m, 1h (stops at whichever comes first)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of labelled pixels held out for validation, in spatial blocks")
+    t.add_argument("--chips-per-epoch", type=int, help="chips drawn per epoch (default: all training windows, "
+                   "at least 8 batches)")
+    t.add_argument("--device", default="auto", help="auto, cpu or gpu")
+    t.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPU, 32 on CPU), 32, bf16-mixed, 16-mixed")
+    t.add_argument("--devices", default="1", help="Lightning devices (e.g. 2, or auto)")
+    t.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes")
+    t.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
+    t.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="model folder to write (card.json + adapter.safetensors)")
+    _common(t)
+
+    p = sub.add_parser("predict", help="predict a class raster, tile by tile", formatter_class=fmt)
+    p.add_argument("--model", required=True, help="trained model folder (or its card.json), or an .onnx file")
+    p.add_argument("--image", action="append", required=True, metavar="TIF")
+    p.add_argument("--bands", help="override the card's band selection (1-based)")
+    p.add_argument("--out", required=True, help="class raster to write (GeoTIFF)")
+    p.add_argument("--probabilities", help="also write per-class probabilities (percent, GeoTIFF)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overlap", type=int, help="tile overlap in pixels (default: a quarter tile)")
+    p.add_argument("--device", default="auto")
+    _common(p)
+
+    e = sub.add_parser("export", help="merge adapters and export the model to ONNX", formatter_class=fmt)
+    e.add_argument("--model", required=True)
+    e.add_argument("--out", required=True, help="ONNX file to write")
+    _common(e)
+
+    v = sub.add_parser("evaluate", help="score a prediction against labels", formatter_class=fmt)
+    v.add_argument("--prediction", required=True)
+    v.add_argument("--labels", required=True)
+    v.add_argument("--label-field")
+    v.add_argument("--ignore-index", type=int)
+    v.add_argument("--out", help="write the metrics as JSON")
+    _common(v)
+
+    d = sub.add_parser("demo-data", help="write a synthetic multispectral scene with labels", formatter_class=fmt)
+    d.add_argument("--out", required=True)
+    d.add_argument("--size", type=int, default=512)
+    d.add_argument("--seed", type=int, default=0)
+    _common(d)
+
+    m = sub.add_parser("demo", help="the whole path on the built-in sample", formatter_class=fmt)
+    m.add_argument("--out", default="demo")
+    m.add_argument("--max-time", default="4m", help="training time budget")
+    _common(m)
+
+    ls = sub.add_parser("models", help="list the foundation models", formatter_class=fmt)
+    _common(ls)
+    return parser
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",")] if text else None
+
+
+def cmd_train(a, reporter: Reporter) -> dict:
+    from engine.data.labels import load_classes_option
+    from engine.data.rasters import parse_band_list
+    from engine.training.train import TrainConfig, run_training
+    from engine.tuning import TuningConfig
+
+    cfg = TrainConfig(
+        images=a.image, labels=a.labels, out=a.out, bands=parse_band_list(a.bands),
+        band_names=_split(a.band_names), label_field=a.label_field, ignore_index=a.ignore_index,
+        classes=load_classes_option(a.classes), backbone=a.backbone, weights=a.weights,
+        tuning=TuningConfig(method=a.tuning, rank=a.lora_rank, alpha=a.lora_alpha), decoder=a.decoder,
+        chip_size=a.chip_size, stride=a.stride, epochs=a.epochs, max_time=a.max_time,
+        batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, device=a.device,
+        precision=a.precision, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,
+        seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers)
+    summary = run_training(cfg, reporter)
+    if summary.get("out") and reporter.mode == "human":
+        print(f"model written to {summary['out']} (best validation mIoU: {summary.get('best_val_miou')})")
+    return summary
+
+
+def cmd_predict(a, reporter: Reporter) -> dict:
+    from engine.data.rasters import parse_band_list
+    from engine.inference.predict import predict
+
+    summary = predict(a.model, a.image, a.out, probabilities=a.probabilities, batch_size=a.batch_size,
+                      overlap=a.overlap, device=a.device, bands=parse_band_list(a.bands), reporter=reporter)
+    if reporter.mode == "human" and summary.get("out"):
+        print(f"prediction written to {summary['out']} ({summary['tiles']} tiles in {summary['seconds']} s, "
+              f"{summary['runner']} on {summary['device']})")
+    return summary
+
+
+def cmd_export(a, reporter: Reporter) -> dict:
+    from engine.export import export_onnx
+
+    summary = export_onnx(a.model, a.out, reporter)
+    if reporter.mode == "human":
+        print(f"ONNX model written to {summary['out']}; parity with PyTorch: max abs diff "
+              f"{summary['max_abs_diff']:.2e} (≤ 1e-4)")
+    return summary
+
+
+def cmd_evaluate(a, reporter: Reporter) -> dict:
+    from engine.evaluate import evaluate
+
+    result = evaluate(a.prediction, a.labels, a.out, a.label_field, a.ignore_index, reporter)
+    if reporter.mode == "human":
+        print(result["table"])
+    return {k: result[k] for k in ("miou", "pixel_accuracy", "per_class", "pixels")}
+
+
+def cmd_demo_data(a, reporter: Reporter) -> dict:
+    from engine.data.demo import make_demo_scene
+
+    scene = make_demo_scene(a.out, size=a.size, seed=a.seed)
+    for kind, path in (("raster", scene.image), ("labels", scene.labels), ("polygons", scene.polygons)):
+        reporter.artifact(kind, str(path))
+    if reporter.mode == "human":
+        print(f"demo scene written to {a.out}: {scene.image.name}, {scene.labels.name}, {scene.polygons.name}")
+    return {"image": str(scene.image), "labels": str(scene.labels), "polygons": str(scene.polygons),
+            "classes": scene.classes}
+
+
+def cmd_demo(a, reporter: Reporter) -> dict:
+    from engine.demo import run_demo
+
+    return run_demo(a.out, reporter, max_time=a.max_time)
+
+
+def cmd_models(a, reporter: Reporter) -> dict:
+    from engine.models.registry import BACKBONES
+
+    rows = [{"name": s.name, "embed_dim": s.embed_dim, "depth": s.depth, "patch": s.patch_size,
+             "bands": list(s.bands), "hub": f"{s.hub_repo}/{s.hub_file}"} for s in BACKBONES.values()]
+    if reporter.mode == "human":
+        for r in rows:
+            print(f"{r['name']:<22} dim {r['embed_dim']:>4}  depth {r['depth']:>2}  patch {r['patch']:>2}  {r['hub']}")
+    return {"models": rows}
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export, "evaluate": cmd_evaluate,
+            "demo-data": cmd_demo_data, "demo": cmd_demo, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    events_out = sys.stdout
+    if args.events == "jsonl":
+        sys.stdout = sys.stderr  # stray prints (libraries) must not corrupt the protocol stream
+    # Only rank 0 of a distributed run reports (Lightning relaunches this command per process).
+    rank0 = all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+    reporter = Reporter(args.events, stream=events_out if args.events == "jsonl" else None, enabled=rank0)
+    reporter.install_cancel_handlers(stdin=args.cancel_on_stdin)
+    reporter.start(args.command)
+    try:
+        summary = COMMANDS[args.command](args, reporter)
+    except EngineError as exc:
+        print(f"ERROR: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        reporter.error(exc.message, "EngineError", exc.hint)
+        reporter.done(ok=False)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        reporter.cancel()
+        reporter.done(ok=False)
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - report, then fail with the traceback on stderr
+        traceback.print_exc()
+        reporter.error(f"internal error: {type(exc).__name__}: {exc}", "InternalError",
+                       "this is a bug in GeoPEFT; the log above has the details")
+        reporter.done(ok=False)
+        return EXIT_INTERNAL_ERROR
+    finally:
+        sys.stdout = events_out
+    reporter.done(ok=not reporter.cancelled or bool(summary.get("out")), **(summary or {}))
+    return EXIT_OK

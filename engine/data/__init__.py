@@ -1,0 +1,1 @@
+"""Rasters, labels, chips, splits and normalisation (numpy + rasterio; no torch)."""

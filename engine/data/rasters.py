@@ -1,0 +1,217 @@
+"""Input rasters: several files on one grid, stacked band-wise, read window by window.
+
+A pixel is valid when none of the selected bands holds its file's nodata value (or NaN).
+Reads are boundless: a window reaching past the raster edge comes back padded with invalid
+pixels, so tiles at the edges need no special case.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from engine.protocol import EngineError
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The pixel grid every output is written on: CRS, transform and size."""
+
+    crs: CRS | None
+    transform: Affine
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, ds) -> "Grid":
+        return cls(ds.crs, ds.transform, ds.width, ds.height)
+
+    def same_as(self, other: "Grid", tol: float = 1e-6) -> bool:
+        return (self.width == other.width and self.height == other.height
+                and self.crs == other.crs and self.transform.almost_equals(other.transform, tol))
+
+    def describe(self) -> str:
+        crs = self.crs.to_string() if self.crs else "no CRS"
+        t = self.transform
+        return f"{self.width}x{self.height} px, {crs}, origin ({t.c:.6g}, {t.f:.6g}), pixel ({t.a:.6g}, {t.e:.6g})"
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in the grid's CRS."""
+        return rasterio.transform.array_bounds(self.height, self.width, self.transform)
+
+
+def open_raster(path: str | os.PathLike, what: str = "raster"):
+    """Open a raster with an error that names the file and says what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise EngineError(f"{what} file not found: {path}", hint="check the path and that the file exists")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        raise EngineError(f"cannot read {what} {path}: {exc}",
+                          hint="give a raster file GDAL can read (e.g. a GeoTIFF)") from None
+
+
+def parse_band_list(text: str | None) -> list[int] | None:
+    """``"1,2,5-7"`` → [1, 2, 5, 6, 7] (1-based); None/empty → None (all bands)."""
+    if text is None or str(text).strip() == "":
+        return None
+    bands: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(p) for p in part.split("-", 1))
+                bands.extend(range(lo, hi + 1))
+            else:
+                bands.append(int(part))
+        except ValueError:
+            raise EngineError(f"bad band list {text!r}", hint="use 1-based band numbers like 1,2,3 or 2-7") from None
+    return bands
+
+
+class RasterStack:
+    """One or more rasters on the same grid, seen as one multi-band image.
+
+    ``bands`` are 1-based indices into the concatenation of all files' bands, in order.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], bands: Sequence[int] | None = None):
+        if not paths:
+            raise EngineError("no input image given", hint="pass at least one --image")
+        self.paths = [Path(p) for p in paths]
+        self._datasets = [open_raster(p, "image") for p in self.paths]
+        first = self._datasets[0]
+        self.grid = Grid.of(first)
+        for path, ds in zip(self.paths[1:], self._datasets[1:]):
+            other = Grid.of(ds)
+            if not other.same_as(self.grid):
+                self.close()
+                raise EngineError(
+                    f"image {path.name} is not on the grid of {self.paths[0].name}: "
+                    f"{other.describe()} vs {self.grid.describe()}",
+                    hint="stack only rasters with the same CRS, pixel size, extent and size "
+                         "(resample them first, e.g. with gdalwarp or QGIS 'Align rasters')")
+        # (dataset index, band number in that dataset) for every band of the stack
+        all_bands = [(i, b) for i, ds in enumerate(self._datasets) for b in range(1, ds.count + 1)]
+        self.band_indices = list(bands) if bands else list(range(1, len(all_bands) + 1))
+        for b in self.band_indices:
+            if not 1 <= b <= len(all_bands):
+                self.close()
+                raise EngineError(
+                    f"band {b} is out of range: the image stack ({', '.join(p.name for p in self.paths)}) "
+                    f"has {len(all_bands)} band(s)",
+                    hint=f"choose bands between 1 and {len(all_bands)}")
+        self._sources = [all_bands[b - 1] for b in self.band_indices]
+        self.count = len(self._sources)
+        self.band_names = []
+        self.nodata = []
+        for i, b in self._sources:
+            ds = self._datasets[i]
+            self.band_names.append((ds.descriptions[b - 1] or "").strip())
+            self.nodata.append(ds.nodatavals[b - 1])
+        self.dtype = np.result_type(*[self._datasets[i].dtypes[b - 1] for i, b in self._sources])
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """(data float32 [C, h, w], valid bool [h, w]) for a window; outside the raster is invalid."""
+        h, w = int(window.height), int(window.width)
+        data = np.zeros((self.count, h, w), np.float32)
+        valid = np.ones((h, w), bool)
+        by_file: dict[int, list[tuple[int, int]]] = {}
+        for k, (i, b) in enumerate(self._sources):
+            by_file.setdefault(i, []).append((k, b))
+        for i, items in by_file.items():
+            ds = self._datasets[i]
+            arr = ds.read([b for _, b in items], window=window, boundless=True, masked=False,
+                          fill_value=0)
+            inside = _inside_mask(window, ds.width, ds.height)
+            valid &= inside
+            for (k, b), band in zip(items, arr):
+                nd = ds.nodatavals[b - 1]
+                band = band.astype(np.float32, copy=False)
+                if nd is not None and not np.isnan(nd):
+                    valid &= band != nd
+                valid &= np.isfinite(band)
+                data[k] = band
+        data[:, ~valid] = 0.0
+        return data, valid
+
+    def windows(self, size: int = 1024) -> Iterator[Window]:
+        """Blocks covering the whole raster (for statistics and checks)."""
+        for row in range(0, self.grid.height, size):
+            for col in range(0, self.grid.width, size):
+                yield Window(col, row, min(size, self.grid.width - col), min(size, self.grid.height - row))
+
+    def check_has_data(self) -> None:
+        """Refuse an image where every pixel is nodata."""
+        for window in self.windows():
+            _, valid = self.read(window)
+            if valid.any():
+                return
+        raise EngineError(
+            f"image {', '.join(p.name for p in self.paths)} has no valid pixels: every pixel is nodata "
+            f"in at least one selected band",
+            hint="check the band selection and the rasters' nodata value")
+
+    def close(self) -> None:
+        for ds in self._datasets:
+            ds.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _inside_mask(window: Window, width: int, height: int) -> np.ndarray:
+    rows = np.arange(int(window.row_off), int(window.row_off) + int(window.height))
+    cols = np.arange(int(window.col_off), int(window.col_off) + int(window.width))
+    return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    Nothing half-written is ever left where a valid output would be.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, Path(str(tmp) + ".aux.xml")):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def colormap(classes: Sequence[dict]) -> dict[int, tuple[int, int, int, int]]:
+    """GDAL colour table entries from classes with ``#rrggbb`` colours."""
+    table = {}
+    for c in classes:
+        hexcol = c["colour"].lstrip("#")
+        table[int(c["value"])] = (int(hexcol[0:2], 16), int(hexcol[2:4], 16), int(hexcol[4:6], 16), 255)
+    return table

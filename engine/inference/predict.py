@@ -1,0 +1,154 @@
+"""``predict``: a whole raster, tile by tile, in bounded memory.
+
+The raster is processed one row of tiles at a time (the shared tiling rule, ``tile_starts``):
+a strip as tall as a tile and as wide as the raster is read, its tiles run in batches, their
+probabilities blended with ``blend_weights`` into a rolling accumulator, and the rows no later
+tile can touch are written out. Memory is O(tile × raster width), not O(raster).
+Outputs are on exactly the input grid; nodata input pixels stay nodata.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from engine.data.chips import blend_weights, normalise, tile_starts
+from engine.data.rasters import RasterStack, atomic_output, colormap
+from engine.inference.runners import load_runner
+from engine.protocol import EngineError, Reporter
+
+PROBABILITY_NODATA = 255
+
+
+def output_dtype(classes: list[dict]) -> tuple[str, int]:
+    """(dtype, nodata) holding every class value plus a nodata value none of them uses."""
+    values = [int(c["value"]) for c in classes]
+    if min(values) >= 0 and max(values) <= 254:
+        return "uint8", 255
+    if min(values) >= 0 and max(values) < 65535:
+        return "uint16", 65535
+    return "int32", -2147483648
+
+
+def run_prediction(model: str | os.PathLike, images: list[str], out: str | os.PathLike,
+                   probabilities: str | os.PathLike | None = None, batch_size: int = 8,
+                   overlap: int | None = None, device: str = "auto", bands: list[int] | None = None,
+                   reporter: Reporter | None = None) -> dict:
+    reporter = reporter or Reporter("quiet")
+    started = time.monotonic()
+    runner = load_runner(model, device, reporter)
+    card = runner.card
+    classes = card["classes"]
+    size = int(card["chip_size"])
+    overlap = size // 4 if overlap is None else int(overlap)
+    if not 0 <= overlap < size // 2 + 1:
+        raise EngineError(f"--overlap {overlap} must be between 0 and half a tile ({size // 2})")
+    stride = size - overlap
+    inp = card["input"]
+    values = np.array([c["value"] for c in classes])
+    dtype, nodata = output_dtype(classes)
+    with RasterStack(images, bands or inp["bands"]) as stack:
+        if stack.count != len(inp["bands"]):
+            raise EngineError(f"the model takes {len(inp['bands'])} bands, the image selection has {stack.count}",
+                              hint="select the same bands as in training")
+        stack.check_has_data()
+        grid = stack.grid
+        H, W = grid.height, grid.width
+        width = max(W, size)
+        rows, cols = tile_starts(H, size, stride), tile_starts(W, size, stride)
+        weights = blend_weights(size, overlap)
+        K = len(classes)
+        profile = {"driver": "GTiff", "width": W, "height": H, "crs": grid.crs, "transform": grid.transform,
+                   "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+                   "BIGTIFF": "IF_SAFER"}
+        total_tiles = len(rows) * len(cols)
+        done_tiles = 0
+        with atomic_output(out) as tmp_out, _maybe_atomic(probabilities) as tmp_prob:
+            dst = rasterio.open(tmp_out, "w", count=1, dtype=dtype, nodata=nodata, **profile)
+            pdst = rasterio.open(tmp_prob, "w", count=K, dtype="uint8", nodata=PROBABILITY_NODATA,
+                                 **profile) if tmp_prob else None
+            try:
+                dst.set_band_description(1, "class")
+                dst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), GEOPEFT_MODEL=str(model))
+                if dtype in ("uint8", "uint16"):
+                    dst.write_colormap(1, colormap(classes))
+                if pdst:
+                    for k, c in enumerate(classes):
+                        pdst.set_band_description(k + 1, f"P({c['name']}) %")
+                    pdst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), scale="percent")
+                acc = np.zeros((K, size, width), np.float32)
+                wsum = np.zeros((size, width), np.float32)
+                base = rows[0]
+                for i, r in enumerate(rows):
+                    if reporter.cancelled:
+                        raise _Cancelled
+                    shift = r - base
+                    if shift:  # roll the accumulator down to the new strip
+                        acc[:, :size - shift] = acc[:, shift:]
+                        acc[:, size - shift:] = 0
+                        wsum[:size - shift] = wsum[shift:]
+                        wsum[size - shift:] = 0
+                        base = r
+                    data, valid = stack.read(Window(0, r, width, size))
+                    x = normalise(data, valid, inp["mean"], inp["std"])
+                    todo = [c for c in cols if valid[:, c:c + size].any()]  # skip all-nodata tiles
+                    for b in range(0, len(todo), batch_size):
+                        chunk = todo[b:b + batch_size]
+                        probs = runner(np.stack([x[:, :, c:c + size] for c in chunk]))
+                        for c, p in zip(chunk, probs):
+                            acc[:, :, c:c + size] += p * weights
+                            wsum[:, c:c + size] += weights
+                    done_tiles += len(cols)
+                    end = rows[i + 1] if i + 1 < len(rows) else H
+                    n = min(end, H) - r
+                    p = acc[:, :n, :W] / np.maximum(wsum[:n, :W], 1e-12)
+                    ok = valid[:n, :W] & (wsum[:n, :W] > 0)
+                    labels = values[p.argmax(0)].astype(dtype)
+                    labels[~ok] = nodata
+                    dst.write(labels, 1, window=Window(0, r, W, n))
+                    if pdst:
+                        pct = np.round(p * 100).astype(np.uint8)
+                        pct[:, ~ok] = PROBABILITY_NODATA
+                        pdst.write(pct, window=Window(0, r, W, n))
+                    reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles)
+            finally:
+                dst.close()
+                if pdst:
+                    pdst.close()
+    seconds = time.monotonic() - started
+    reporter.artifact("raster", str(out), classes=classes, nodata=nodata)
+    if probabilities:
+        reporter.artifact("probabilities", str(probabilities), classes=classes, nodata=PROBABILITY_NODATA)
+    return {"out": str(out), "probabilities": str(probabilities) if probabilities else None,
+            "tiles": total_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
+            "device": str(runner.device), "classes": classes}
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _maybe_atomic:
+    """``atomic_output`` for an optional path."""
+
+    def __init__(self, path):
+        self.cm = atomic_output(path) if path else None
+
+    def __enter__(self):
+        return self.cm.__enter__() if self.cm else None
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc) if self.cm else False
+
+
+def predict(model, images, out, **kwargs) -> dict:
+    """Prediction that turns a cancel into a clean stop (no output left behind)."""
+    try:
+        return run_prediction(model, images, out, **kwargs)
+    except _Cancelled:
+        return {"out": None, "cancelled": True}

@@ -1,0 +1,121 @@
+"""Runners turn a batch of normalised chips into class probabilities.
+
+``OnnxRunner`` needs onnxruntime only: this module must never import torch at top level, so
+``predict`` with an ``.onnx`` model runs in an environment without torch.
+"""
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engine.card import read_card, validate_card
+from engine.protocol import EngineError, Reporter
+
+ONNX_CARD_KEY = "geopeft_card"
+
+
+class OnnxRunner:
+    def __init__(self, path: str | os.PathLike, device: str = "auto"):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise EngineError(f"ONNX model not found: {path}", hint="pass a file written by 'export'")
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "gpu", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers() \
+                and ctypes.util.find_library("cuda"):
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device in ("gpu", "cuda"):
+            raise EngineError("--device gpu was asked for but onnxruntime has no usable CUDA provider here",
+                              hint="use --device auto or cpu")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
+            raise EngineError(f"cannot load ONNX model {path}: {exc}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if ONNX_CARD_KEY not in meta:
+            raise EngineError(f"{path.name} has no GeoPEFT model card in its metadata",
+                              hint="export the model with 'python -m engine export'")
+        self.card = validate_card(json.loads(meta[ONNX_CARD_KEY]), f"model card in {path.name}")
+        self.input_name = self.session.get_inputs()[0].name
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
+
+
+class TorchRunner:
+    def __init__(self, model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None):
+        import torch
+
+        from engine.models.segmentor import Probabilities
+
+        self.card, folder = read_card(model)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "gpu":
+            device = "cuda"
+        self.device = torch.device(device)
+        self.model = Probabilities(load_trained_model(self.card, folder, reporter or Reporter("quiet")))
+        self.model.eval().to(self.device)
+        self._torch = torch
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                return self.model(x).float().cpu().numpy()
+
+
+def load_runner(model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None):
+    if str(model).lower().endswith(".onnx"):
+        return OnnxRunner(model, device)
+    return TorchRunner(model, device, reporter)
+
+
+def load_trained_model(card: dict, folder: Path, reporter: Reporter):
+    """Rebuild the trained Segmentor from its card: backbone weights (referenced by path and
+    checked by hash), adapters injected, then the trained tensors loaded."""
+    from safetensors.torch import load_file
+
+    from engine.models.checkpoints import load_backbone_weights, resolve_weights, sha256_file
+    from engine.models.registry import get_backbone_spec
+    from engine.models.segmentor import build_segmentor
+    from engine.tuning import TuningConfig, apply_tuning
+
+    spec = get_backbone_spec(card["backbone"]["name"])
+    inp = card["input"]
+    model = build_segmentor(spec, len(inp["bands"]), card["chip_size"], len(card["classes"]), card["decoder"])
+    weights = card["backbone"].get("weights", {})
+    if weights.get("source") in ("file", "hub"):
+        path = Path(weights["path"]) if weights.get("path") else None
+        if path is None or not path.is_file():
+            path = resolve_weights(spec, "hub", reporter) if weights["source"] == "hub" else None
+        if path is None or not path.is_file():
+            raise EngineError(f"the backbone weights this model was trained on are missing: {weights.get('path')}",
+                              hint="put the backbone checkpoint back at that path (models reference it, "
+                                   "never copy it), or export the model to ONNX where it was trained")
+        if weights.get("sha256") and sha256_file(path) != weights["sha256"]:
+            raise EngineError(f"backbone weights {path} differ from those the model was trained on (sha256)",
+                              hint="use the same checkpoint file as in training")
+        load_backbone_weights(model.encoder, spec, path, inp["band_names"], Reporter("quiet"))
+    apply_tuning(model, TuningConfig(**card["tuning"]))
+    weights_file = folder / card.get("files", {}).get("weights", "adapter.safetensors")
+    if not weights_file.is_file():
+        raise EngineError(f"trained weights missing: {weights_file}", hint="train the model again")
+    try:
+        state = load_file(str(weights_file))
+    except Exception as exc:  # noqa: BLE001
+        raise EngineError(f"cannot read trained weights {weights_file}: {exc}") from None
+    result = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing_trained = sorted(set(result.missing_keys) & trainable)
+    if result.unexpected_keys or missing_trained:
+        raise EngineError(f"trained weights {weights_file.name} do not match the model card "
+                          f"(unexpected {result.unexpected_keys[:3]}, missing {missing_trained[:3]})")
+    return model

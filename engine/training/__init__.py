@@ -1,0 +1,1 @@
+"""Training: Lightning system, data module and the ``train`` entry point."""

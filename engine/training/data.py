@@ -1,0 +1,109 @@
+"""Training data: chips read from the image stack by window, with their label chips.
+
+Labels are held in memory as a class-index mask on the image grid (int16); image chips are
+read from disk on demand, so the image itself never has to fit in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from rasterio.windows import Window
+from torch.utils.data import DataLoader, Dataset
+
+from engine.data.chips import normalise, tile_windows
+from engine.data.rasters import RasterStack
+
+
+@dataclass
+class ChipSource:
+    """What a worker needs to read chips (plain data: picklable for worker processes)."""
+
+    images: list[str]
+    bands: list[int]
+    mean: list[float]
+    std: list[float]
+
+
+class ChipDataset(Dataset):
+    """Chips on ``windows``; labels outside ``target`` (-1) are ignored by the loss.
+
+    ``augment``: random D4 flips/rotations and a random shift of up to half the stride, so a
+    small scene still yields varied chips; ``length`` repeats the windows to fill an epoch.
+    """
+
+    def __init__(self, source: ChipSource, windows: list[Window], target: np.ndarray,
+                 augment: bool = False, shift: int = 0, length: int | None = None):
+        self.source = source
+        self.windows = windows
+        self.target = target
+        self.augment = augment
+        self.shift = shift
+        self.length = length or len(windows)
+        self._stack: RasterStack | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        if self._stack is None:  # opened lazily, once per worker process
+            self._stack = RasterStack(self.source.images, self.source.bands)
+        data, valid = self._stack.read(window)
+        x = normalise(data, valid, self.source.mean, self.source.std)
+        r, c = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        y = np.full((h, w), -1, np.int64)
+        H, W = self.target.shape
+        r0, c0, r1, c1 = max(r, 0), max(c, 0), min(r + h, H), min(c + w, W)
+        if r1 > r0 and c1 > c0:
+            y[r0 - r:r1 - r, c0 - c:c1 - c] = self.target[r0:r1, c0:c1]
+        y[~valid] = -1
+        return x, y
+
+    def __getitem__(self, i: int):
+        window = self.windows[i % len(self.windows)]
+        if self.augment and self.shift:
+            H, W = self.target.shape
+            dr, dc = torch.randint(-self.shift, self.shift + 1, (2,)).tolist()
+            r = int(np.clip(window.row_off + dr, min(0, H - window.height), max(0, H - window.height)))
+            c = int(np.clip(window.col_off + dc, min(0, W - window.width), max(0, W - window.width)))
+            window = Window(c, r, window.width, window.height)
+        x, y = self._read(window)
+        if self.augment:
+            k, flip = torch.randint(0, 4, (1,)).item(), torch.randint(0, 2, (1,)).item()
+            x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
+            if flip:
+                x, y = x[:, :, ::-1], y[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def labelled_windows(target: np.ndarray, size: int, stride: int, min_labelled: float) -> list[Window]:
+    """Windows of the tiling rule holding at least ``min_labelled`` of labelled pixels."""
+    H, W = target.shape
+    out = []
+    for w in tile_windows(H, W, size, stride):
+        r, c = int(w.row_off), int(w.col_off)
+        frac = (target[r:r + size, c:c + size] >= 0).sum() / float(size * size)
+        if frac >= min_labelled:
+            out.append(w)
+    return out
+
+
+class ChipDataModule(L.LightningDataModule):
+    def __init__(self, train: ChipDataset, val: ChipDataset | None, batch_size: int, workers: int = 0):
+        super().__init__()
+        self.train_set, self.val_set = train, val
+        self.batch_size = batch_size
+        self.workers = workers
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=False,
+                          num_workers=self.workers, persistent_workers=self.workers > 0)
+
+    def val_dataloader(self):
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.workers, persistent_workers=self.workers > 0)

@@ -1,0 +1,116 @@
+"""The Lightning system around a Segmentor: loss, optimiser, validation metrics, and the
+callbacks that report progress through the protocol and keep the best trained tensors."""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from engine.metrics import scores
+from engine.protocol import Reporter
+from engine.tuning import trainable_state_dict
+
+
+class SegmentationTask(L.LightningModule):
+    def __init__(self, model: nn.Module, class_names: list[str], lr: float, weight_decay: float = 0.01):
+        super().__init__()
+        self.model = model
+        self.class_names = class_names
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.loss = nn.CrossEntropyLoss(ignore_index=-1)
+        self.val_confusion = MulticlassConfusionMatrix(len(class_names), ignore_index=-1)
+        self.last_val: dict | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss(self.model(x).float(), y)
+        self.log("train_loss", loss, prog_bar=False, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.model(x).float()
+        self.log("val_loss", self.loss(logits, y), on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        self.val_confusion.update(logits.argmax(1), y)
+
+    def on_validation_epoch_end(self):
+        matrix = self.val_confusion.compute().cpu().numpy()  # synced across processes
+        self.val_confusion.reset()
+        result = scores(matrix, self.class_names)
+        self.last_val = result
+        self.log("val_miou", result["miou"], sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        # The paper's schedule: reduce the learning rate when validation stalls.
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "train_loss_epoch", "interval": "epoch"}}
+
+
+class ProgressEvents(L.Callback):
+    """Protocol events for every step and validation; honours the reporter's cancel flag."""
+
+    def __init__(self, reporter: Reporter, total_steps: int | None):
+        self.reporter = reporter
+        self.total_steps = total_steps
+        self.started = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
+        step = trainer.global_step
+        self.reporter.progress("train", step, self.total_steps, epoch=trainer.current_epoch + 1,
+                               loss=round(loss, 5), elapsed_s=round(time.monotonic() - self.started, 1))
+        if self.reporter.cancelled:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module):  # after the module's epoch-end hook
+        if trainer.sanity_checking or pl_module.last_val is None:
+            return
+        epoch = trainer.current_epoch + 1
+        self.reporter.metric("val_miou", pl_module.last_val["miou"], "validate", epoch=epoch)
+        val_loss = trainer.callback_metrics.get("val_loss")
+        if val_loss is not None:
+            self.reporter.metric("val_loss", float(val_loss), "validate", epoch=epoch)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        loss = trainer.callback_metrics.get("train_loss_epoch")
+        if loss is not None:
+            self.reporter.metric("train_loss", float(loss), "train", epoch=trainer.current_epoch + 1)
+
+
+class KeepBest(L.Callback):
+    """Keeps (in memory) the trained tensors of the epoch with the best validation mIoU, or of
+    the last epoch when there is no validation."""
+
+    def __init__(self, has_validation: bool, include_frozen: bool = False):
+        self.has_validation = has_validation
+        self.include_frozen = include_frozen
+        self.best_score = -1.0
+        self.best_epoch = 0
+        self.best_state: dict | None = None
+        self.best_val: dict | None = None
+
+    def _keep(self, trainer, pl_module, score, val):
+        self.best_score, self.best_epoch = score, trainer.current_epoch + 1
+        self.best_state = trainable_state_dict(pl_module.model, self.include_frozen)
+        self.best_val = val
+
+    def on_validation_end(self, trainer, pl_module):  # after the module's epoch-end hook
+        if trainer.sanity_checking or pl_module.last_val is None:
+            return
+        score = pl_module.last_val["miou"]
+        if score > self.best_score:
+            self._keep(trainer, pl_module, score, pl_module.last_val)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not self.has_validation:
+            self._keep(trainer, pl_module, 0.0, None)

@@ -1,0 +1,283 @@
+"""``train``: labels + imagery → a fine-tuned model folder (card.json + adapter.safetensors)."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine import __version__
+from engine.card import CARD_VERSION, WEIGHTS_FILE, write_card
+from engine.data.chips import band_statistics, spatial_split
+from engine.data.labels import load_labels
+from engine.data.rasters import RasterStack, current_umask
+from engine.protocol import EngineError, Reporter
+from engine.tuning import METHODS, TuningConfig
+
+
+@dataclass
+class TrainConfig:
+    images: list[str]
+    labels: str
+    out: str
+    bands: list[int] | None = None
+    band_names: list[str] | None = None
+    label_field: str | None = None
+    ignore_index: int | None = None
+    classes: list[dict] | None = None
+    backbone: str = "prithvi_eo_v2_tiny"
+    weights: str | None = "auto"
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    decoder: str = "unet"
+    chip_size: int = 224
+    stride: int | None = None  # default: half a chip
+    epochs: int = 20
+    max_time: str | None = None  # "90s", "5m", "1h"
+    batch_size: int = 8
+    lr: float = 1e-3
+    val_fraction: float = 0.2
+    device: str = "auto"  # auto, cpu, gpu/cuda
+    precision: str = "auto"  # auto, 32, bf16-mixed, 16-mixed
+    devices: str = "1"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    chips_per_epoch: int | None = None
+    workers: int = 0
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``90s``, ``5m``, ``1h``, ``1h30m`` or plain seconds → seconds."""
+    if text in (None, ""):
+        return None
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+    if not parts or "".join(f"{a}{b}" for a, b in parts) != text.replace(" ", ""):
+        raise EngineError(f"bad duration {text!r}", hint="use e.g. 90s, 5m, 1h or 1h30m")
+    return sum(float(a) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[b] for a, b in parts)
+
+
+def resolve_accelerator(device: str, precision: str) -> tuple[str, str]:
+    import torch
+
+    device = device.lower()
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = "gpu"
+    if device not in ("cpu", "gpu"):
+        raise EngineError(f"unknown device {device!r}", hint="use auto, cpu or gpu")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise EngineError("--device gpu was asked for but no CUDA GPU is available",
+                          hint="use --device auto or cpu")
+    if precision == "auto":
+        if device == "gpu":
+            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        else:
+            precision = "32-true"
+    elif precision == "32":
+        precision = "32-true"
+    return device, precision
+
+
+def _band_names(stack: RasterStack, given: list[str] | None, spec, reporter: Reporter) -> list[str]:
+    if given:
+        if len(given) != stack.count:
+            raise EngineError(f"--band-names lists {len(given)} names for {stack.count} selected band(s)",
+                              hint="give one name per selected band, in order")
+        return list(given)
+    names = stack.band_names
+    if any(names):
+        return names
+    if stack.count == len(spec.bands):
+        reporter.warning(f"the image bands have no names; assuming they are {', '.join(spec.bands)} in that "
+                         "order (name them with --band-names if not)")
+        return list(spec.bands)
+    return [f"band {b}" for b in stack.band_indices]
+
+
+def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
+    """Train and write the model folder ``cfg.out``. Returns the summary of the ``done`` event."""
+    reporter = reporter or Reporter("quiet")
+    started = time.monotonic()
+    max_seconds = parse_duration(cfg.max_time)
+    from engine.models.registry import get_backbone_spec
+    spec = get_backbone_spec(cfg.backbone)
+    if cfg.tuning.method not in METHODS:
+        raise EngineError(f"unknown tuning method {cfg.tuning.method!r}", hint=f"choose one of: {', '.join(METHODS)}")
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "card.json").exists())):
+        raise EngineError(f"output folder {out} exists and is not a GeoPEFT model",
+                          hint="choose a new or empty --out folder (an earlier model folder is replaced)")
+    if not 0 <= cfg.val_fraction < 1:
+        raise EngineError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
+    stride = cfg.stride or cfg.chip_size // 2
+
+    reporter.progress("prepare", 1, 4, "reading image and labels")
+    with RasterStack(cfg.images, cfg.bands) as stack:
+        stack.check_has_data()
+        band_names = _band_names(stack, cfg.band_names, spec, reporter)
+        labels = load_labels(cfg.labels, stack.grid, cfg.label_field, cfg.ignore_index, cfg.classes)
+        if len(labels.classes) < 2:
+            raise EngineError(f"labels {Path(cfg.labels).name} hold only one class "
+                              f"({labels.classes[0]['name']})", hint="label at least two classes")
+        reporter.progress("prepare", 2, 4, "spatial split and normalisation statistics")
+        val_mask = spatial_split(labels.index, cfg.chip_size, cfg.val_fraction, cfg.seed)
+        train_target = np.where(val_mask, -1, labels.index).astype(np.int16)
+        val_target = np.where(val_mask, labels.index, -1).astype(np.int16)
+        mean, std = band_statistics(stack, train_target >= 0)
+        grid = stack.grid
+        band_indices = stack.band_indices
+
+    from engine.training.data import ChipDataModule, ChipDataset, ChipSource, labelled_windows
+    train_windows = labelled_windows(train_target, cfg.chip_size, stride, 0.02) or \
+        labelled_windows(train_target, cfg.chip_size, stride, 1e-9)
+    val_windows = labelled_windows(val_target, cfg.chip_size, cfg.chip_size, 1e-9) if val_mask.any() else []
+    if not train_windows:
+        raise EngineError("no training chips: the labels leave no labelled pixels for training",
+                          hint="label more of the image or lower --val-fraction")
+    source = ChipSource([str(p) for p in cfg.images], band_indices, mean, std)
+    per_epoch = cfg.chips_per_epoch or max(len(train_windows), 8 * cfg.batch_size)
+    train_set = ChipDataset(source, train_windows, train_target, augment=True, shift=stride // 2,
+                            length=per_epoch)
+    val_set = ChipDataset(source, val_windows, val_target) if val_windows else None
+    reporter.info(f"{len(labels.classes)} classes; {len(train_windows)} training windows "
+                  f"({per_epoch} chips per epoch), {len(val_windows)} validation chips; "
+                  f"{int((train_target >= 0).sum())} training / {int((val_target >= 0).sum())} validation pixels")
+
+    reporter.progress("prepare", 3, 4, "building the model")
+    import lightning as L
+    import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from engine.models.checkpoints import load_backbone_weights, resolve_weights
+    from engine.models.segmentor import build_segmentor
+    from engine.training.task import KeepBest, ProgressEvents, SegmentationTask
+    from engine.tuning import apply_tuning, count_parameters
+
+    # Our own events report progress; Lightning's info lines and tips are noise here.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    accelerator, precision = resolve_accelerator(cfg.device, cfg.precision)
+    model = build_segmentor(spec, len(band_indices), cfg.chip_size, len(labels.classes), cfg.decoder)
+    weights_path = resolve_weights(spec, cfg.weights, reporter)
+    loaded = load_backbone_weights(model.encoder, spec, weights_path, band_names, reporter)
+    if weights_path is not None and cfg.weights in ("hub", "auto"):
+        loaded.source = "hub"
+    apply_tuning(model, cfg.tuning)
+    counts = count_parameters(model)
+    reporter.info(f"{spec.name} + {cfg.decoder}, tuning {cfg.tuning.method}: {counts['trainable']:,} of "
+                  f"{counts['total']:,} parameters train; {accelerator}, precision {precision}")
+
+    task = SegmentationTask(model, [c["name"] for c in labels.classes], cfg.lr)
+    datamodule = ChipDataModule(train_set, val_set, cfg.batch_size, cfg.workers)
+    steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
+    total_steps = None if max_seconds and cfg.epochs >= 1000 else steps_per_epoch * cfg.epochs
+    progress = ProgressEvents(reporter, total_steps)
+    keep = KeepBest(has_validation=val_set is not None, include_frozen=loaded.source == "random")
+    workdir = tempfile.mkdtemp(prefix="geopeft-train-")
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy, precision=precision, max_epochs=cfg.epochs,
+        max_time=dt.timedelta(seconds=max_seconds) if max_seconds else None,
+        callbacks=[progress, keep], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=1, default_root_dir=workdir, deterministic=False,
+    )
+    reporter.enabled = reporter.enabled and trainer.is_global_zero
+    reporter.progress("prepare", 4, 4, "training")
+    try:
+        trainer.fit(task, datamodule=datamodule)
+    except SIGTERMException:
+        reporter.cancel()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if reporter.cancelled:
+        reporter.warning("training cancelled" + (": keeping the best weights so far" if keep.best_state
+                                                 else " before the first epoch ended: nothing written"))
+    if not trainer.is_global_zero:
+        return {}
+    if keep.best_state is None:
+        return {"out": None, "epochs": trainer.current_epoch}
+
+    card = {
+        "card_version": CARD_VERSION,
+        "engine_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": {"name": spec.name, "weights": loaded.as_card(), "licence": spec.licence},
+        "decoder": cfg.decoder,
+        "tuning": cfg.tuning.as_dict(),
+        "input": {"bands": band_indices, "band_names": band_names, "num_images": len(cfg.images),
+                  "mean": mean, "std": std, "dtype": "float32",
+                  "nodata": "pixels nodata in any selected band are not predicted"},
+        "classes": labels.classes,
+        "chip_size": cfg.chip_size,
+        "stride": stride,
+        "grid": {"crs": grid.crs.to_wkt() if grid.crs else None, "width": grid.width, "height": grid.height,
+                 "transform": list(grid.transform)[:6]},
+        "training": {
+            "epochs": trainer.current_epoch,
+            "best_epoch": keep.best_epoch,
+            "best_val_miou": keep.best_val["miou"] if keep.best_val else None,
+            "val_per_class": keep.best_val["per_class"] if keep.best_val else None,
+            "steps": trainer.global_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "seed": cfg.seed, "val_fraction": cfg.val_fraction, "accelerator": accelerator,
+            "precision": precision, "duration_s": round(time.monotonic() - started, 1),
+            "cancelled": reporter.cancelled, "parameters": counts,
+            "images": [str(Path(p).resolve()) for p in cfg.images],
+            "labels": str(Path(cfg.labels).resolve()),
+        },
+        "files": {"weights": WEIGHTS_FILE},
+    }
+    out = _write_model_folder(Path(cfg.out), keep.best_state, card)
+    reporter.artifact("model", str(out))
+    reporter.artifact("card", str(out / "card.json"))
+    return {"out": str(out), "best_val_miou": card["training"]["best_val_miou"],
+            "epochs": trainer.current_epoch, "steps": trainer.global_step,
+            "trainable_parameters": counts["trainable"]}
+
+
+def _devices(text: str):
+    text = str(text)
+    return int(text) if text.isdigit() else text
+
+
+def _write_model_folder(out: Path, state: dict, card: dict) -> Path:
+    """Write into a temporary sibling folder, then swap it in: never a half-written model."""
+    from safetensors.torch import save_file
+
+    from engine.models.checkpoints import sha256_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~current_umask())
+        card["files"]["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
+        write_card(card, tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

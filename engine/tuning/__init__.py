@@ -1,0 +1,85 @@
+"""Fine-tuning methods: which parameters train, and how adapters fold back into the backbone.
+
+- ``lora`` / ``dora``: Hugging Face peft adapters on q, v, mlp.fc1 and mlp.fc2 of every
+  encoder block (the paper's targets; r = α = 16); the backbone stays frozen.
+- ``linear-probe``: the backbone stays frozen; only neck and decoder train.
+- ``full``: everything trains.
+Neck and decoder always train. ``merge`` folds adapters into plain Linear layers for export.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from engine.protocol import EngineError
+
+METHODS = ("lora", "dora", "full", "linear-probe")
+LORA_TARGETS = r".*encoder\.blocks\.\d+\.(attn\.qkv\.[qv]|mlp\.fc[12])"
+
+
+@dataclass
+class TuningConfig:
+    method: str = "lora"
+    rank: int = 16  # LoRA rank r
+    alpha: int = 16  # LoRA scaling α
+    dropout: float = 0.0
+    target_modules: str = field(default=LORA_TARGETS)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def apply_tuning(model: nn.Module, cfg: TuningConfig) -> nn.Module:
+    """Set up ``model`` (a Segmentor) in place for ``cfg.method``; returns it."""
+    if cfg.method not in METHODS:
+        raise EngineError(f"unknown tuning method {cfg.method!r}", hint=f"choose one of: {', '.join(METHODS)}")
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model
+    if cfg.method in ("lora", "dora"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                            target_modules=cfg.target_modules, use_dora=cfg.method == "dora")
+        inject_adapter_in_model(config, model)  # freezes all but the adapters
+    model.encoder.requires_grad_(False)
+    for name, p in model.encoder.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    model.neck.requires_grad_(True)
+    model.decoder.requires_grad_(True)
+    return model
+
+
+def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict:
+    """Only what training changed: the tensors saved beside the model card.
+
+    ``include_frozen``: everything, for a backbone that started from random weights (no file
+    to reference, so it must travel with the model)."""
+    if include_frozen:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    # BatchNorm running statistics of trained modules change too.
+    buffers = {n for n, _ in model.named_buffers()
+               if n.rsplit(".", 1)[0] in {m.rsplit(".", 1)[0] for m in names}}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names | buffers}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold peft adapters into their base layers and put the plain layers back (in place)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    return model
+
+
+def count_parameters(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return {"total": total, "trainable": trainable, "adapter": adapter}
