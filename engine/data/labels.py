@@ -101,6 +101,12 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
             colours = {int(v): "#%02x%02x%02x" % tuple(c[:3]) for v, c in ds.colormap(1).items()}
         except ValueError:
             colours = {}
+        tagged = ds.tags().get("GEOPEFT_CLASSES")  # names written by GeoPEFT (demo labels, predictions)
+        if tagged and not classes:
+            try:
+                classes = load_classes_option(tagged)
+            except EngineError:
+                classes = None
         if Grid.of(ds).same_as(grid):
             values = ds.read(1)
         else:

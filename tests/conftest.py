@@ -1,0 +1,83 @@
+"""Shared test helpers: run the engine CLI as the plugin does, and find the shared data."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SEN1FLOODS11 = REPO.parent / "shared" / "data" / "sen1floods11"
+ENGINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_engine(*args, expect_ok: bool = True, timeout: float = 600) -> dict:
+    """Run ``python -m engine ARGS --events jsonl``; return the ``done`` summary (and the
+    events under the key ``_events``, stderr under ``_stderr``, exit status under ``_rc``)."""
+    cmd = [sys.executable, "-m", "engine", *[str(a) for a in args], "--events", "jsonl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENGINE_ENV, timeout=timeout)
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    done = next((e for e in events if e["event"] == "done"), {})
+    if expect_ok:
+        assert proc.returncode == 0 and done.get("ok"), f"engine failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return {**done, "_events": events, "_stderr": proc.stderr, "_rc": proc.returncode}
+
+
+@pytest.fixture(scope="session")
+def demo_scene(tmp_path_factory):
+    """A small synthetic scene (256 px) shared by the engine tests."""
+    from engine.data.demo import make_demo_scene
+
+    return make_demo_scene(tmp_path_factory.mktemp("scene"), size=256, seed=0)
+
+
+def make_prithvi_checkpoint(path: Path, backbone: str = "prithvi_eo_v2_tiny", layout: str = "mae",
+                            seed: int = 0) -> Path:
+    """A checkpoint laid out like the published Prithvi files (random values): fused qkv,
+    fixed pos_embed, TL scalars, and for ``mae`` the ``encoder.``/``decoder.`` prefixes; for
+    ``flat`` the legacy V1 layout with ``decoder_*`` keys and ``mask_token``."""
+    from collections import OrderedDict
+
+    import torch
+
+    import engine.models  # noqa: F401 - torchvision fix before timm
+    from engine.models.prithvi import PrithviViT, sincos_3d
+    from engine.models.registry import get_backbone_spec
+
+    torch.manual_seed(seed)
+    spec = get_backbone_spec(backbone)
+    enc = PrithviViT(spec, len(spec.bands), 224)
+    for p in enc.parameters():  # make every tensor distinct from a fresh init
+        torch.nn.init.normal_(p, std=0.02)
+    own = enc.state_dict()
+    encoder = OrderedDict()
+    for k, v in own.items():
+        if ".attn.qkv." in k:
+            stem, rest = k.split(".attn.qkv.")
+            which, kind = rest.split(".")
+            if which == "q":
+                encoder[f"{stem}.attn.qkv.{kind}"] = torch.cat(
+                    [own[f"{stem}.attn.qkv.{w}.{kind}"] for w in "qkv"], dim=0)
+            continue
+        encoder[k] = v
+    encoder["pos_embed"] = sincos_3d(spec.embed_dim, (1, 14, 14))
+    encoder["temporal_embed_enc.scale"] = torch.tensor([0.1])
+    encoder["location_embed_enc.scale"] = torch.tensor([0.1])
+    decoder = {"decoder_embed.weight": torch.randn(512, spec.embed_dim) * 0.02,
+               "decoder_pred.weight": torch.randn(16 * 16 * 6, 512) * 0.02}
+    if layout == "mae":
+        state = OrderedDict([(f"encoder.{k}", v) for k, v in encoder.items()] +
+                            [(f"decoder.{k}", v) for k, v in decoder.items()])
+    else:
+        state = OrderedDict(list(encoder.items()) + list(decoder.items()) +
+                            [("mask_token", torch.zeros(1, 1, 512))])
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prithvi_checkpoint(tmp_path_factory) -> Path:
+    return make_prithvi_checkpoint(tmp_path_factory.mktemp("weights") / "Prithvi_EO_V2_tiny_TL.pt")
