@@ -28,6 +28,7 @@ def split_labels(labels: Path, folder: Path, train_fraction: float = TRAIN_FRACT
         profile = src.profile
         data = src.read(1)
         cmap = src.colormap(1)
+        tags = src.tags()  # class names (GEOPEFT_CLASSES)
     cut = int(data.shape[1] * train_fraction)
     outputs = []
     for name, keep in (("labels_train.tif", slice(0, cut)), ("labels_test.tif", slice(cut, None))):
@@ -37,6 +38,7 @@ def split_labels(labels: Path, folder: Path, train_fraction: float = TRAIN_FRACT
         with atomic_output(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
             dst.write(part, 1)
             dst.write_colormap(1, cmap)
+            dst.update_tags(**tags)
         outputs.append(path)
     return outputs[0], outputs[1]
 

@@ -10,7 +10,8 @@ event      fields
 start      command (str), engine_version (str)
 progress   stage (str: "prepare", "train", "validate", "predict", "export", "evaluate"),
            step (int, 1-based), total (int or null), message (str, optional), plus any extras
-           (epoch, loss, ...)
+           (train: epoch, loss, elapsed_s, and fraction in [0, 1] = the larger of steps done and
+           time budget used, for progress bars when only ``--max-time`` bounds training)
 metric     name (str), value (float), stage (str), epoch (int, optional)
 artifact   kind (str: "model", "card", "raster", "probabilities", "onnx", "metrics"),
            path (str), plus extras (e.g. classes for rasters)
@@ -193,11 +194,13 @@ class Reporter:
             if not last and now - self._last_bar < 0.2:  # keep the bar cheap
                 return
             extras = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in f.items() if k not in ("stage", "step", "total", "message"))
-            if total:
+                               for k, v in f.items() if k not in ("stage", "step", "total", "message", "fraction"))
+            frac = f["step"] / total if total else f.get("fraction")
+            if frac is not None:
                 width = 30
-                filled = int(width * f["step"] / total)
-                bar = f"[{'#' * filled}{'.' * (width - filled)}] {f['step']}/{total}"
+                filled = int(width * min(frac, 1.0))
+                count = f"{f['step']}/{total}" if total else f"step {f['step']}, {frac:.0%} of time budget"
+                bar = f"[{'#' * filled}{'.' * (width - filled)}] {count}"
             else:
                 bar = f"step {f['step']}"
             stream.write(f"\r{f['stage']:>9} {bar} {f.get('message') or ''} {extras}".rstrip() + "\x1b[K")

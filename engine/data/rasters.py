@@ -124,26 +124,35 @@ class RasterStack:
         self.dtype = np.result_type(*[self._datasets[i].dtypes[b - 1] for i, b in self._sources])
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """(data float32 [C, h, w], valid bool [h, w]) for a window; outside the raster is invalid."""
+        """(data float32 [C, h, w], valid bool [h, w]) for a window; outside the raster is invalid.
+
+        Only the part inside the raster is read (rasterio's boundless mode would go through a
+        VRT on every call); the rest stays zero and invalid."""
         h, w = int(window.height), int(window.width)
+        r, c = int(window.row_off), int(window.col_off)
         data = np.zeros((self.count, h, w), np.float32)
-        valid = np.ones((h, w), bool)
+        valid = np.zeros((h, w), bool)
+        r0, r1 = max(r, 0), min(r + h, self.grid.height)
+        c0, c1 = max(c, 0), min(c + w, self.grid.width)
+        if r1 <= r0 or c1 <= c0:
+            return data, valid
+        inner = Window(c0, r0, c1 - c0, r1 - r0)
+        rows, cols = slice(r0 - r, r1 - r), slice(c0 - c, c1 - c)
+        ok = np.ones((r1 - r0, c1 - c0), bool)
         by_file: dict[int, list[tuple[int, int]]] = {}
         for k, (i, b) in enumerate(self._sources):
             by_file.setdefault(i, []).append((k, b))
         for i, items in by_file.items():
             ds = self._datasets[i]
-            arr = ds.read([b for _, b in items], window=window, boundless=True, masked=False,
-                          fill_value=0)
-            inside = _inside_mask(window, ds.width, ds.height)
-            valid &= inside
+            arr = ds.read([b for _, b in items], window=inner)
             for (k, b), band in zip(items, arr):
                 nd = ds.nodatavals[b - 1]
                 band = band.astype(np.float32, copy=False)
                 if nd is not None and not np.isnan(nd):
-                    valid &= band != nd
-                valid &= np.isfinite(band)
-                data[k] = band
+                    ok &= band != nd
+                ok &= np.isfinite(band)
+                data[k, rows, cols] = band
+        valid[rows, cols] = ok
         data[:, ~valid] = 0.0
         return data, valid
 
@@ -173,12 +182,6 @@ class RasterStack:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _inside_mask(window: Window, width: int, height: int) -> np.ndarray:
-    rows = np.arange(int(window.row_off), int(window.row_off) + int(window.height))
-    cols = np.arange(int(window.col_off), int(window.col_off) + int(window.width))
-    return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
 
 
 @contextlib.contextmanager

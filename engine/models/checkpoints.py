@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -81,11 +83,27 @@ def download_from_hub(spec: BackboneSpec, reporter: Reporter) -> Path | None:
             return Path(hf_hub_download(spec.hub_repo, spec.hub_file, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached
             pass
+        if not _hub_reachable():
+            reporter.info("the Hugging Face hub is not reachable (offline?)")
+            return None
         reporter.info(f"downloading {spec.hub_repo}/{spec.hub_file} from the Hugging Face hub …")
         return Path(hf_hub_download(spec.hub_repo, spec.hub_file))
     except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP errors: all mean "not available"
         reporter.info(f"hub download failed: {type(exc).__name__}: {exc}")
         return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline machine doesn't sit through the hub
+    client's retries and back-off (about half a minute)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -59,16 +59,24 @@ class SegmentationTask(L.LightningModule):
 class ProgressEvents(L.Callback):
     """Protocol events for every step and validation; honours the reporter's cancel flag."""
 
-    def __init__(self, reporter: Reporter, total_steps: int | None):
+    def __init__(self, reporter: Reporter, total_steps: int | None, max_seconds: float | None = None):
         self.reporter = reporter
         self.total_steps = total_steps
+        self.max_seconds = max_seconds
+        self.started = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module):
         self.started = time.monotonic()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
         step = trainer.global_step
+        elapsed = time.monotonic() - self.started
+        # Whichever ends training first: the step count or the time budget.
+        fraction = max(step / self.total_steps if self.total_steps else 0.0,
+                       elapsed / self.max_seconds if self.max_seconds else 0.0)
         self.reporter.progress("train", step, self.total_steps, epoch=trainer.current_epoch + 1,
-                               loss=round(loss, 5), elapsed_s=round(time.monotonic() - self.started, 1))
+                               loss=round(loss, 5), elapsed_s=round(elapsed, 1), fraction=round(min(fraction, 1.0), 4))
         if self.reporter.cancelled:
             trainer.should_stop = True
 

@@ -187,7 +187,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     datamodule = ChipDataModule(train_set, val_set, cfg.batch_size, cfg.workers)
     steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
     total_steps = None if max_seconds and cfg.epochs >= 1000 else steps_per_epoch * cfg.epochs
-    progress = ProgressEvents(reporter, total_steps)
+    progress = ProgressEvents(reporter, total_steps, max_seconds)
     keep = KeepBest(has_validation=val_set is not None, include_frozen=loaded.source == "random")
     workdir = tempfile.mkdtemp(prefix="geopeft-train-")
     trainer = L.Trainer(

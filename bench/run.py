@@ -1,0 +1,201 @@
+"""GeoPEFT benchmarks: training step time and memory, tiled prediction on large rasters, ONNX vs
+PyTorch per tile. Each measurement runs in a fresh process (peak RSS is per process) and the
+results print as one table, beside the peers' numbers measured on this kind of machine
+(see the project's peers notes: TerraTorch 1.2.13, Deepness 0.6.5).
+
+    python bench/run.py            # the default set (~10 min on 2 cores)
+    python bench/run.py --quick    # smaller rasters, fewer steps (smoke test)
+    python bench/run.py --large    # adds the 8192² raster
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PEERS = {  # TerraTorch 1.2.13 on this machine kind: Prithvi-EO-2.0-100M-TL, UNet, 224², batch 4, fp32
+    "train full": "1.72–1.75 s/step, 2831–2852 MiB",
+    "train lora": "1.49–1.50 s/step, 2380–2420 MiB",
+    "predict 2048": "16–18 s, 1.9 GiB",
+    "predict 4096": "62–68 s, 2.7 GiB",
+    "predict 8192": "241 s, 5.8 GiB",
+}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- measurements (child processes)
+def bench_train(method: str, backbone: str, steps: int, precision: str) -> dict:
+    import torch
+
+    import engine.models  # noqa: F401
+    from engine.models.segmentor import build_segmentor
+    from engine.tuning import TuningConfig, apply_tuning, count_parameters
+
+    torch.manual_seed(0)
+    model = apply_tuning(build_segmentor(backbone, 6, 224, 2), TuningConfig(method))
+    counts = count_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x, y = torch.randn(4, 6, 224, 224), torch.randint(0, 2, (4, 224, 224))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    steady = sorted(times[2:])  # steps 3+
+    return {"s_per_step": steady[len(steady) // 2], "peak_rss_mib": peak_rss_mib(),
+            "trainable": counts["trainable"], "adapter": counts["adapter"]}
+
+
+def make_model_folder(folder: Path, backbone: str, chip: int) -> Path:
+    """An untrained LoRA model folder (random backbone saved with it), like 'train' writes."""
+    import torch
+
+    import engine.models  # noqa: F401
+    from engine import __version__
+    from engine.card import CARD_VERSION, write_card
+    from engine.models.segmentor import build_segmentor
+    from engine.tuning import TuningConfig, apply_tuning, trainable_state_dict
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = apply_tuning(build_segmentor(backbone, 6, chip, 4), TuningConfig("lora"))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state_dict(model, include_frozen=True), str(folder / "adapter.safetensors"))
+    write_card({"card_version": CARD_VERSION, "engine_version": __version__,
+                "backbone": {"name": backbone, "weights": {"source": "random"}}, "decoder": "unet",
+                "tuning": TuningConfig("lora").as_dict(),
+                "input": {"bands": [1, 2, 3, 4, 5, 6], "band_names": ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"],
+                          "mean": [1000.0] * 6, "std": [500.0] * 6},
+                "classes": [{"value": i, "name": f"c{i}", "colour": "#112233"} for i in range(1, 5)],
+                "chip_size": chip, "files": {"weights": "adapter.safetensors"}}, folder)
+    return folder
+
+
+def make_raster(path: Path, size: int) -> Path:
+    """A random 6-band uint16 raster, written in strips (never all in memory)."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    rng = np.random.default_rng(0)
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 6, "dtype": "uint16", "nodata": 0,
+               "crs": "EPSG:32633", "transform": from_origin(500000, 5000000, 10, 10), "tiled": True,
+               "blockxsize": 256, "blockysize": 256}
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, size, 512):
+            h = min(512, size - r)
+            dst.write(rng.integers(100, 4000, (6, h, size), dtype=np.uint16), window=Window(0, r, size, h))
+    return path
+
+
+def bench_predict(model: str, image: str, out: str, overlap: int, batch: int) -> dict:
+    from engine.inference.predict import predict
+
+    t = time.perf_counter()
+    summary = predict(model, [image], out, overlap=overlap, batch_size=batch)
+    return {"seconds": time.perf_counter() - t, "peak_rss_mib": peak_rss_mib(), "tiles": summary["tiles"],
+            "torch_loaded": "torch" in sys.modules}
+
+
+def bench_tiles(model: str, onnx: str, chip: int, batch: int, repeats: int) -> dict:
+    import numpy as np
+
+    from engine.inference.runners import OnnxRunner, TorchRunner
+
+    x = np.random.default_rng(0).standard_normal((batch, 6, chip, chip)).astype(np.float32)
+    out = {}
+    for name, runner in (("torch", TorchRunner(model)), ("onnxruntime", OnnxRunner(onnx))):
+        runner(x)  # warm-up
+        t = time.perf_counter()
+        for _ in range(repeats):
+            runner(x)
+        out[name] = (time.perf_counter() - t) / (repeats * batch) * 1000
+    return out
+
+
+def child(kind: str, kwargs: dict) -> dict:
+    """Run one measurement in a fresh interpreter; returns its JSON result."""
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from bench.run import {kind}; "
+            f"print('RESULT' + json.dumps({kind}(**json.loads(sys.argv[1]))))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[0][len("RESULT"):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--large", action="store_true")
+    ap.add_argument("--backbone", default="prithvi_eo_v2_100")
+    args = ap.parse_args()
+    steps = 5 if args.quick else 10
+    sizes = [1024] if args.quick else [2048, 4096] + ([8192] if args.large else [])
+    rows = []
+    import torch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"backbone {args.backbone}", flush=True)
+    for method in ("full", "lora"):
+        r = child("bench_train", {"method": method, "backbone": args.backbone, "steps": steps, "precision": "32"})
+        rows.append((f"train {method} (fp32, 224², batch 4)", f"{r['s_per_step']:.2f} s/step, {r['peak_rss_mib']:.0f} MiB",
+                     f"{r['trainable'] / 1e6:.1f}M trainable" + (f" ({r['adapter'] / 1e6:.2f}M LoRA)" if r["adapter"] else ""),
+                     PEERS[f"train {method}"]))
+        print(rows[-1], flush=True)
+    r = child("bench_train", {"method": "lora", "backbone": args.backbone, "steps": steps, "precision": "bf16-mixed"})
+    rows.append(("train lora (bf16 autocast)", f"{r['s_per_step']:.2f} s/step, {r['peak_rss_mib']:.0f} MiB",
+                 "patch embedding kept fp32", "—"))
+    print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = make_model_folder(tmp / "model", args.backbone, 224)
+        from engine.export import export_onnx
+        onnx = tmp / "model.onnx"
+        export = export_onnx(model, onnx)
+        rows.append(("export ONNX (merged LoRA)", f"max abs diff {export['max_abs_diff']:.1e}",
+                     f"{export['size_bytes'] / 2**20:.0f} MiB", "not in TerraTorch"))
+        t = child("bench_tiles", {"model": str(model), "onnx": str(onnx), "chip": 224, "batch": 16,
+                                  "repeats": 2 if args.quick else 4})
+        rows.append(("per tile 224², batch 16", f"torch {t['torch']:.0f} ms, onnxruntime {t['onnxruntime']:.0f} ms",
+                     "", "—"))
+        print(rows[-1], flush=True)
+        for size in sizes:
+            image = make_raster(tmp / f"r{size}.tif", size)
+            for runner, m in (("torch", model), ("onnx", onnx)):
+                r = child("bench_predict", {"model": str(m), "image": str(image), "out": str(tmp / f"p{size}{runner}.tif"),
+                                            "overlap": 32, "batch": 16})
+                rows.append((f"predict {size}² × 6 ({runner})", f"{r['seconds']:.0f} s, {r['peak_rss_mib'] / 1024:.2f} GiB",
+                             f"{r['tiles']} tiles" + ("" if r["torch_loaded"] else ", torch not loaded"),
+                             PEERS.get(f"predict {size}", "—") if runner == "torch" else "—"))
+                print(rows[-1], flush=True)
+            image.unlink()
+    print()
+    widths = [max(len(str(r[i])) for r in rows + [("what", "GeoPEFT", "notes", "TerraTorch 1.2.13")]) for i in range(4)]
+    header = ("what", "GeoPEFT", "notes", "TerraTorch 1.2.13")
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main()
