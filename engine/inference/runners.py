@@ -53,6 +53,7 @@ class TorchRunner:
         import torch
 
         from engine.models.segmentor import Probabilities
+        from engine.tuning import merge
 
         self.card, folder = read_card(model)
         if device == "auto":
@@ -60,7 +61,8 @@ class TorchRunner:
         if device == "gpu":
             device = "cuda"
         self.device = torch.device(device)
-        self.model = Probabilities(load_trained_model(self.card, folder, reporter or Reporter("quiet")))
+        # Merged adapters and fused q/k/v: the same outputs (see export's parity check), faster.
+        self.model = Probabilities(merge(load_trained_model(self.card, folder, reporter or Reporter("quiet"))))
         self.model.eval().to(self.device)
         self._torch = torch
 

@@ -66,6 +66,16 @@ class SplitQKV(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
+    def fused(self) -> nn.Linear:
+        """The equivalent single Linear (for inference/export once adapters are merged)."""
+        parts = (self.q, self.k, self.v)
+        fused = nn.Linear(self.q.in_features, 3 * self.q.out_features, bias=self.q.bias is not None)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        return fused.to(self.q.weight.device, self.q.weight.dtype)
+
 
 class PrithviViT(nn.Module):
     """Encoder returning the outputs of ``spec.feature_layers`` as images [B, D, H/p, W/p]."""

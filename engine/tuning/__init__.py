@@ -67,15 +67,25 @@ def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold peft adapters into their base layers and put the plain layers back (in place)."""
+    """Fold peft adapters into their base layers and put the plain layers back, then fuse the
+    split q/k/v projections into one Linear each (in place; for inference and export)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from engine.models.prithvi import SplitQKV
 
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge(safe_merge=True)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            _replace(model, name, module.get_base_layer())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SplitQKV):
+            _replace(model, name, module.fused())
     return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def count_parameters(model: nn.Module) -> dict:
