@@ -44,3 +44,27 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo
+
+# --- QGIS plugin ---------------------------------------------------------------------------
+# dist/geopeft-<version>.zip: folder geopeft/ (qgis_plugin/ + the engine source in
+# geopeft/engine_src/ for "Set up engine"). qgis_plugin/metadata.txt is the one source of the
+# plugin metadata; this also refreshes its copy in the repository root (metadata.txt).
+PLUGIN_DIST ?= dist
+plugin:
+	$(SYSPY) qgis_plugin/packaging.py zip --out $(PLUGIN_DIST)
+
+# Install the zip into a QGIS profile, enable it (QGIS3.ini [PythonPlugins] geopeft=true), point
+# its engine Python at this repository's venv, then start QGIS with that profile.
+# `make qgis QGIS_RUN=true QGIS_PROFILES_PATH=/tmp/p` installs without starting QGIS.
+QGIS_PROFILES_PATH ?= $(HOME)/.local/share/QGIS/QGIS3
+QGIS_PROFILE ?= default
+PROFILE_DIR ?= $(QGIS_PROFILES_PATH)/profiles/$(QGIS_PROFILE)
+QGIS_RUN ?= qgis
+qgis: install plugin
+	$(SYSPY) qgis_plugin/packaging.py install --profile-dir "$(PROFILE_DIR)" \
+	  --zip-dir $(PLUGIN_DIST) --engine-python "$(abspath $(PY))"
+	$(QGIS_RUN) --profiles-path "$(QGIS_PROFILES_PATH)" --profile "$(QGIS_PROFILE)"
+
+# docs/*-dialog.png: the plugin's dialogs rendered offscreen.
+screenshots: install
+	$(PY) tests/plugin/screenshots.py --out docs

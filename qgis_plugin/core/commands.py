@@ -1,0 +1,241 @@
+"""Engine commands as plain dataclasses, and the one function per command that builds its argv.
+
+Dialogs and Processing algorithms only fill these dataclasses; tests assert the argv they make.
+The argv is what follows ``<python> -m engine``; ``engine_client`` adds the interpreter, the
+module and the protocol flags (``--events jsonl``, ``--cancel-on-stdin``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The engine's backbone registry (engine/models/registry.py; a test keeps the two in sync),
+# with each model's patch size: the chip size must be a multiple of it.
+PATCH_SIZES = {
+    "prithvi_eo_v2_tiny": 16, "prithvi_eo_v2_100": 16, "prithvi_eo_v2_300": 16,
+    "prithvi_eo_v2_300_tl": 16, "prithvi_eo_v2_600": 14, "prithvi_eo_v2_600_tl": 14,
+    "prithvi_eo_v1_100": 16,
+}
+BACKBONES = tuple(PATCH_SIZES)
+TUNING_METHODS = ("lora", "dora", "full", "linear-probe")
+DECODERS = ("unet",)
+DEVICES = ("auto", "cpu", "gpu")
+
+
+def _num(value: float) -> str:
+    """A float without noise: 0.0001 -> '0.0001', 1e-05 -> '1e-05'."""
+    return format(value, "g")
+
+
+@dataclass
+class TrainConfig:
+    images: list[str]
+    labels: str
+    out: str
+    bands: list[int] = field(default_factory=list)  # 1-based; empty: all bands
+    band_names: list[str] = field(default_factory=list)
+    label_field: str | None = None
+    classes_file: str | None = None  # JSON file: [{"value", "name", "colour"}] (--classes)
+    ignore_index: int | None = None
+    backbone: str = "prithvi_eo_v2_tiny"
+    weights: str = "auto"  # a path, "auto" (download/cache) or "none" (random init)
+    tuning: str = "lora"
+    decoder: str = "unet"
+    chip_size: int = 224
+    stride: int | None = None
+    epochs: int | None = 20
+    max_time: str | None = None  # "90s", "5m", "1h"
+    batch_size: int = 8
+    lr: float = 1e-3
+    val_fraction: float = 0.2
+    device: str = "auto"
+    seed: int | None = None
+
+
+@dataclass
+class PredictConfig:
+    model: str  # trained folder, its card.json, or model.onnx
+    images: list[str]
+    out: str
+    probabilities: str | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    model: str
+    out: str
+
+
+@dataclass
+class EvaluateConfig:
+    prediction: str
+    labels: str
+    label_field: str | None = None
+    out: str | None = None
+
+
+def train_args(c: TrainConfig) -> list[str]:
+    args = ["train"]
+    for image in c.images:
+        args += ["--image", image]
+    if c.bands:
+        args += ["--bands", ",".join(str(b) for b in c.bands)]
+    if c.band_names:
+        args += ["--band-names", ",".join(c.band_names)]
+    args += ["--labels", c.labels]
+    if c.label_field:
+        args += ["--label-field", c.label_field]
+    if c.classes_file:
+        args += ["--classes", c.classes_file]
+    if c.ignore_index is not None:
+        args += ["--ignore-index", str(c.ignore_index)]
+    args += ["--backbone", c.backbone, "--weights", c.weights or "auto",
+             "--tuning", c.tuning, "--decoder", c.decoder, "--chip-size", str(c.chip_size)]
+    if c.stride:
+        args += ["--stride", str(c.stride)]
+    if c.epochs:
+        args += ["--epochs", str(c.epochs)]
+    if c.max_time:
+        args += ["--max-time", c.max_time]
+    args += ["--batch-size", str(c.batch_size), "--lr", _num(c.lr),
+             "--val-fraction", _num(c.val_fraction), "--device", c.device]
+    if c.seed is not None:
+        args += ["--seed", str(c.seed)]
+    args += ["--out", c.out]
+    return args
+
+
+def predict_args(c: PredictConfig) -> list[str]:
+    args = ["predict", "--model", c.model]
+    for image in c.images:
+        args += ["--image", image]
+    args += ["--out", c.out]
+    if c.probabilities:
+        args += ["--probabilities", c.probabilities]
+    if c.batch_size:
+        args += ["--batch-size", str(c.batch_size)]
+    args += ["--device", c.device]
+    return args
+
+
+def export_args(c: ExportConfig) -> list[str]:
+    return ["export", "--model", c.model, "--out", c.out]
+
+
+def evaluate_args(c: EvaluateConfig) -> list[str]:
+    args = ["evaluate", "--prediction", c.prediction, "--labels", c.labels]
+    if c.label_field:
+        args += ["--label-field", c.label_field]
+    if c.out:
+        args += ["--out", c.out]
+    return args
+
+
+# -- validation shared by dialogs and algorithms (messages, never asserts) ----------------------
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> int | None:
+    """'90s' / '5m' / '1h' / '120' -> seconds; None if it is not a duration."""
+    text = text.strip().lower()
+    if not text:
+        return None
+    unit = text[-1] if text[-1] in _TIME_UNITS else "s"
+    number = text[:-1] if text[-1] in _TIME_UNITS else text
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    return int(value * _TIME_UNITS[unit]) if value > 0 else None
+
+
+def parse_bands(text: str) -> list[int] | None:
+    """'1,2, 3' -> [1, 2, 3]; '' -> []; None if malformed."""
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        bands = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        return None
+    return bands if all(b >= 1 for b in bands) else None
+
+
+def model_path_problem(path: str) -> str | None:
+    """Why ``path`` is not a GeoPEFT model (folder, card.json or .onnx), or None."""
+    if not path:
+        return "Choose a model: a trained model folder (with card.json) or an ONNX file."
+    p = Path(path)
+    if p.is_dir():
+        return None if (p / "card.json").is_file() else f"{p} has no card.json: not a GeoPEFT model folder."
+    if not p.is_file():
+        return f"Model not found: {p}"
+    if p.name != "card.json" and p.suffix.lower() != ".onnx":
+        return f"{p.name} is neither a model folder, a card.json nor an .onnx file."
+    return None
+
+
+def validate_train(c: TrainConfig) -> list[str]:
+    """Problems with a training configuration that the user can fix before starting."""
+    problems = []
+    if not c.images:
+        problems.append("Choose at least one input raster.")
+    for image in c.images:
+        if not os.path.exists(image):
+            problems.append(f"Input raster not found: {image}")
+    if not c.labels:
+        problems.append("Choose the labels: a raster layer or a polygon layer.")
+    elif not os.path.exists(c.labels):
+        problems.append(f"Labels not found: {c.labels}")
+    if c.bands and len(set(c.bands)) != len(c.bands):
+        problems.append("Each band can be used only once.")
+    if c.backbone not in BACKBONES:
+        problems.append(f"Unknown foundation model {c.backbone!r}.")
+    if c.tuning not in TUNING_METHODS:
+        problems.append(f"Unknown tuning method {c.tuning!r}.")
+    if c.weights not in ("auto", "none") and not os.path.isfile(c.weights):
+        problems.append(f"Weights file not found: {c.weights}")
+    patch = PATCH_SIZES.get(c.backbone, 16)
+    if c.chip_size < patch or c.chip_size % patch:
+        problems.append(f"Chip size must be a multiple of {patch} (the patch size of {c.backbone}).")
+    if not c.epochs and not c.max_time:
+        problems.append("Set a number of epochs or a time budget.")
+    if c.max_time and parse_duration(c.max_time) is None:
+        problems.append(f"Time budget {c.max_time!r} is not a duration such as 90s, 5m or 1h.")
+    if c.batch_size < 1:
+        problems.append("Batch size must be at least 1.")
+    if not 0 < c.lr < 1:
+        problems.append("Learning rate must be between 0 and 1.")
+    if c.device not in DEVICES:
+        problems.append(f"Unknown device {c.device!r}.")
+    if not c.out:
+        problems.append("Choose an output folder for the trained model.")
+    elif os.path.isdir(c.out) and any(Path(c.out).iterdir()):
+        problems.append(f"Output folder {c.out} is not empty; choose a new or empty folder.")
+    return problems
+
+
+def validate_predict(c: PredictConfig) -> list[str]:
+    problems = []
+    model_problem = model_path_problem(c.model)
+    if model_problem:
+        problems.append(model_problem)
+    if not c.images:
+        problems.append("Choose the raster to classify.")
+    for image in c.images:
+        if not os.path.exists(image):
+            problems.append(f"Input raster not found: {image}")
+    if not c.out:
+        problems.append("Choose where to write the predicted raster (.tif).")
+    elif not c.out.lower().endswith((".tif", ".tiff")):
+        problems.append("The predicted raster must be a GeoTIFF (.tif).")
+    if c.probabilities and not c.probabilities.lower().endswith((".tif", ".tiff")):
+        problems.append("The probabilities raster must be a GeoTIFF (.tif).")
+    if c.probabilities and os.path.abspath(c.probabilities) == os.path.abspath(c.out or ""):
+        problems.append("The probabilities raster needs its own file name.")
+    if c.device not in DEVICES:
+        problems.append(f"Unknown device {c.device!r}.")
+    return problems

@@ -1,0 +1,67 @@
+"""Run the Qt-free engine client in a QgsTask; report back to the UI through signals."""
+from __future__ import annotations
+
+import traceback
+
+from qgis.core import Qgis, QgsMessageLog, QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
+
+from ..core.engine_client import EngineError, EngineResult, run_engine
+
+LOG_TAG = "GeoPEFT"
+
+
+def log(message: str, level=Qgis.Info) -> None:
+    QgsMessageLog.logMessage(message, LOG_TAG, level)
+
+
+class EngineTask(QgsTask):
+    """One engine command in the background (task manager: progress bar, cancel button).
+
+    ``after(result, task)`` runs on the worker thread too when the engine succeeded (e.g.
+    polygonising); its return value is kept in ``after_result``. Signals arrive on the UI thread.
+    """
+
+    engineEvent = pyqtSignal(object)  # each protocol event (dict); not "event": QObject.event()
+    logLine = pyqtSignal(str)  # the engine's stderr, line by line
+    ended = pyqtSignal(object)  # this task, when finished (ok, cancelled or failed)
+
+    def __init__(self, description: str, python: str | None, args: list[str], progress=None,
+                 after=None):
+        super().__init__(description, QgsTask.CanCancel)
+        self.python = python
+        self.args = args
+        self.progress = progress  # event -> percent or None
+        self.after = after
+        self.result: EngineResult | None = None
+        self.after_result = None
+        self.error: EngineError | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.isCanceled() or bool(self.result and self.result.cancelled)
+
+    def _on_event(self, event: dict) -> None:
+        if self.progress is not None:
+            percent = self.progress(event)
+            if percent is not None:
+                self.setProgress(percent)
+        self.engineEvent.emit(event)
+
+    def run(self) -> bool:  # worker thread
+        try:
+            self.result = run_engine(self.python, self.args, on_event=self._on_event,
+                                     is_cancelled=self.isCanceled, on_stderr=self.logLine.emit)
+            if self.after is not None and not self.result.cancelled:
+                self.after_result = self.after(self.result, self)
+            return True
+        except EngineError as exc:
+            self.error = exc
+        except Exception as exc:  # noqa: BLE001 - shown to the user, never crashes QGIS
+            self.error = EngineError(f"Unexpected error: {exc}", details=traceback.format_exc())
+        return False
+
+    def finished(self, ok: bool) -> None:  # UI thread
+        if self.error is None and not ok and not self.isCanceled():
+            self.error = EngineError("The task failed.")
+        self.ended.emit(self)

@@ -1,0 +1,1 @@
+"""The GeoPEFT Processing provider and its algorithms (one per file)."""

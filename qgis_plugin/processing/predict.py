@@ -1,0 +1,155 @@
+"""geopeft:predict — classify a raster with a trained model (folder or ONNX)."""
+from __future__ import annotations
+
+import json
+import os
+
+from qgis.core import (
+    QgsMapLayer,
+    QgsProcessing,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputString,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterVectorDestination,
+)
+
+from ..core.commands import DEVICES, PredictConfig, predict_args, validate_predict
+from ..core.rasterinfo import grid_problems
+from ..styling import (classes_from_raster_file, normalise_classes, style_polygons,
+                       style_prediction, write_default_style)
+from .base import EngineAlgorithm, layer_path
+from .polygons import polygonize
+
+MODEL_FILTER = "GeoPEFT model (card.json *.onnx);;All files (*)"  # "(*)" lets a folder through
+
+# Post-processors must outlive the algorithm instance (Processing keeps only a pointer).
+_POST_PROCESSORS: list = []
+
+
+class ClassStyler(QgsProcessingLayerPostProcessorInterface):
+    """Styles a result layer by class when Processing loads it into the project."""
+
+    def __init__(self, classes: list[dict], kind: str):
+        super().__init__()
+        self.classes = classes
+        self.kind = kind
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - Qt API
+        if self.kind == "raster":
+            style_prediction(layer, self.classes)
+        else:
+            style_polygons(layer, self.classes)
+
+    @classmethod
+    def attach(cls, context, layer_id: str, classes: list[dict], kind: str) -> None:
+        if not context.willLoadLayerOnCompletion(layer_id):
+            return
+        styler = cls(classes, kind)
+        _POST_PROCESSORS.append(styler)
+        del _POST_PROCESSORS[:-20]
+        context.layerToLoadOnCompletionDetails(layer_id).setPostProcessor(styler)
+
+
+class PredictAlgorithm(EngineAlgorithm):
+    INPUT = "INPUT"
+    EXTRA_INPUTS = "EXTRA_INPUTS"
+    MODEL = "MODEL"
+    OUTPUT = "OUTPUT"
+    PROBABILITIES = "PROBABILITIES"
+    POLYGONS = "POLYGONS"
+    BATCH_SIZE = "BATCH_SIZE"
+    DEVICE = "DEVICE"
+    CLASSES = "CLASSES"
+
+    command = "predict"
+
+    def name(self) -> str:
+        return "predict"
+
+    def displayName(self) -> str:
+        return self.tr("Predict classes (segment raster)")
+
+    def shortHelpString(self) -> str:
+        return self.tr(
+            "Classifies every pixel of a raster with a model trained by GeoPEFT (its folder or "
+            "card.json) or exported to ONNX. The model card says which bands, normalisation and "
+            "chip size to use, so the raster needs the same bands as in training.\n\n"
+            "<b>Output</b>: a class GeoTIFF on exactly the input grid, styled with the model's "
+            "class names and colours. Optionally the per-class probabilities and class polygons "
+            "(polygonised with GDAL, fields class_id and class_name, styled by class).")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Input raster")))
+        self.addParameter(QgsProcessingParameterFile(
+            self.MODEL, self.tr("Model (trained folder's card.json, or .onnx)"),
+            fileFilter=MODEL_FILTER))
+        extra = QgsProcessingParameterMultipleLayers(
+            self.EXTRA_INPUTS, self.tr("Additional rasters stacked after the input (as in training)"),
+            QgsProcessing.TypeRaster, optional=True)
+        batch = QgsProcessingParameterNumber(
+            self.BATCH_SIZE, self.tr("Batch size (empty: engine default)"),
+            QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=1024)
+        device = QgsProcessingParameterEnum(self.DEVICE, self.tr("Device"), options=list(DEVICES),
+                                            defaultValue=0)
+        for param in (extra, batch, device):
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(param)
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, self.tr("Classes")))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.PROBABILITIES, self.tr("Class probabilities"), optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.POLYGONS, self.tr("Class polygons"), QgsProcessing.TypeVectorPolygon,
+            optional=True, createByDefault=False))
+        self.addOutput(QgsProcessingOutputString(self.CLASSES, self.tr("Classes (JSON)")))
+
+    def config(self, parameters, context) -> PredictConfig:
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        extra = self.parameterAsLayerList(parameters, self.EXTRA_INPUTS, context) or []
+        images = [layer_path(layer)] + [layer_path(x) for x in extra if x.type() == QgsMapLayer.RasterLayer]
+        if layer is None or None in images:
+            raise QgsProcessingException(self.tr("Choose a file-based input raster."))
+        probabilities = self.parameterAsOutputLayer(parameters, self.PROBABILITIES, context) or None
+        batch = parameters.get(self.BATCH_SIZE)
+        return PredictConfig(
+            model=self.parameterAsFile(parameters, self.MODEL, context),
+            images=images,
+            out=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
+            probabilities=probabilities,
+            batch_size=None if batch in (None, "") else self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+            device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+        )
+
+    def processAlgorithm(self, parameters, context, feedback):
+        config = self.config(parameters, context)
+        problems = validate_predict(config) + grid_problems(config.images)
+        if problems:
+            raise QgsProcessingException("\n".join(problems))
+        result = self.run_engine_command(predict_args(config), feedback)
+        if result.cancelled:
+            raise QgsProcessingException(self.tr("Prediction cancelled; no output was written."))
+        raster = result.artifact("raster") or {}
+        out = raster.get("path") or config.out
+        classes = normalise_classes(raster.get("classes")) or classes_from_raster_file(out)
+        write_default_style(out, classes, "raster")
+        ClassStyler.attach(context, config.out, classes, "raster")
+        results = {self.OUTPUT: out, self.CLASSES: json.dumps(classes),
+                   self.PROBABILITIES: None, self.POLYGONS: None}
+        if config.probabilities:
+            probs = result.artifact("probabilities") or {}
+            results[self.PROBABILITIES] = probs.get("path") or config.probabilities
+        polygons_out = self.parameterAsOutputLayer(parameters, self.POLYGONS, context)
+        if polygons_out:
+            feedback.pushInfo(self.tr("Polygonising the classes…"))
+            polygons = polygonize(out, classes, polygons_out, context, feedback)
+            if polygons and os.path.splitext(polygons.split("|")[0])[1]:
+                write_default_style(polygons.split("|")[0], classes, "vector")
+            ClassStyler.attach(context, polygons_out, classes, "vector")
+            results[self.POLYGONS] = polygons
+        return results

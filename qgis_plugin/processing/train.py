@@ -1,0 +1,213 @@
+"""geopeft:train — fine-tune a foundation model on labelled rasters."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from qgis.core import (
+    QgsMapLayer,
+    QgsProcessing,
+    QgsProcessingException,
+    QgsProcessingOutputFile,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterField,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterString,
+)
+
+from ..core.commands import (BACKBONES, DECODERS, DEVICES, TUNING_METHODS, TrainConfig,
+                             parse_bands, train_args, validate_train)
+from ..core.rasterinfo import grid_problems
+from ..styling import classes_from_raster_layer, classes_from_vector_layer
+from .base import EngineAlgorithm, labels_parameter, layer_path
+
+
+class TrainAlgorithm(EngineAlgorithm):
+    INPUT = "INPUT"
+    BANDS = "BANDS"
+    LABELS = "LABELS"
+    LABEL_FIELD = "LABEL_FIELD"
+    BACKBONE = "BACKBONE"
+    PRETRAINED = "PRETRAINED"
+    WEIGHTS = "WEIGHTS"
+    TUNING = "TUNING"
+    DECODER = "DECODER"
+    CHIP_SIZE = "CHIP_SIZE"
+    EPOCHS = "EPOCHS"
+    MAX_TIME = "MAX_TIME"
+    BATCH_SIZE = "BATCH_SIZE"
+    LEARNING_RATE = "LEARNING_RATE"
+    DEVICE = "DEVICE"
+    SEED = "SEED"
+    OUTPUT = "OUTPUT"
+    CARD = "CARD"
+    BEST_VAL_MIOU = "BEST_VAL_MIOU"
+    EPOCHS_DONE = "EPOCHS_DONE"
+
+    command = "train"
+
+    def name(self) -> str:
+        return "train"
+
+    def displayName(self) -> str:
+        return self.tr("Train segmentation model")
+
+    def shortHelpString(self) -> str:
+        return self.tr(
+            "Fine-tunes a geospatial foundation model (Prithvi) for semantic segmentation with "
+            "LoRA or another parameter-efficient method, in the separate GeoPEFT engine "
+            "environment.\n\n"
+            "<b>Input rasters</b>: one or more rasters on the same grid; their bands are "
+            "stacked in order. <b>Bands</b>: optional comma-separated 1-based band numbers of "
+            "the stack (empty: all). <b>Labels</b>: a class raster on the same grid, or a "
+            "polygon layer with a class field; class names and colours come from the field "
+            "values or the layer's categorized style.\n\n"
+            "<b>Output</b>: a model folder (card.json + adapter.safetensors) for the Predict "
+            "and Export ONNX algorithms. Cancelling keeps the best weights validated so far; "
+            "a run cancelled before its first validation leaves nothing behind.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.INPUT, self.tr("Input rasters (same grid)"), QgsProcessing.TypeRaster))
+        self.addParameter(QgsProcessingParameterString(
+            self.BANDS, self.tr("Bands (e.g. 1,2,3,4,5,6; empty: all)"), optional=True,
+            defaultValue=""))
+        self.addParameter(labels_parameter(self.LABELS, self.tr("Labels (class raster or polygons)")))
+        self.addParameter(QgsProcessingParameterField(
+            self.LABEL_FIELD, self.tr("Class field (polygon labels)"), parentLayerParameterName=self.LABELS,
+            optional=True))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.BACKBONE, self.tr("Foundation model"), options=list(BACKBONES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.TUNING, self.tr("Tuning method"), options=list(TUNING_METHODS), defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.CHIP_SIZE, self.tr("Chip size (pixels)"), QgsProcessingParameterNumber.Integer,
+            defaultValue=224, minValue=16, maxValue=4096))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.EPOCHS, self.tr("Epochs"), QgsProcessingParameterNumber.Integer,
+            defaultValue=20, minValue=1, maxValue=10000))
+        advanced = [
+            QgsProcessingParameterBoolean(
+                self.PRETRAINED, self.tr("Start from pretrained weights (off: random, for tests)"),
+                defaultValue=True),
+            QgsProcessingParameterFile(
+                self.WEIGHTS, self.tr("Weights file (empty: download/cache automatically)"),
+                optional=True, fileFilter="Weights (*.pt *.pth *.safetensors *.ckpt *.bin)"),
+            QgsProcessingParameterEnum(
+                self.DECODER, self.tr("Decoder"), options=list(DECODERS), defaultValue=0),
+            QgsProcessingParameterString(
+                self.MAX_TIME, self.tr("Time budget (e.g. 90s, 5m, 1h; empty: none)"),
+                optional=True, defaultValue=""),
+            QgsProcessingParameterNumber(
+                self.BATCH_SIZE, self.tr("Batch size"), QgsProcessingParameterNumber.Integer,
+                defaultValue=8, minValue=1, maxValue=1024),
+            QgsProcessingParameterNumber(
+                self.LEARNING_RATE, self.tr("Learning rate"), QgsProcessingParameterNumber.Double,
+                defaultValue=1e-3, minValue=1e-7, maxValue=1.0),
+            QgsProcessingParameterEnum(
+                self.DEVICE, self.tr("Device"), options=list(DEVICES), defaultValue=0),
+            QgsProcessingParameterNumber(
+                self.SEED, self.tr("Random seed"), QgsProcessingParameterNumber.Integer,
+                optional=True, minValue=0),
+        ]
+        for param in advanced:
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(param)
+        self.addParameter(QgsProcessingParameterFolderDestination(
+            self.OUTPUT, self.tr("Trained model folder")))
+        self.addOutput(QgsProcessingOutputFile(self.CARD, self.tr("Model card (card.json)")))
+        self.addOutput(QgsProcessingOutputNumber(self.BEST_VAL_MIOU, self.tr("Best validation mIoU")))
+        self.addOutput(QgsProcessingOutputNumber(self.EPOCHS_DONE, self.tr("Epochs trained")))
+
+    def config(self, parameters, context, feedback) -> TrainConfig:
+        """Parameters -> TrainConfig (QgsProcessingException for anything the user must fix)."""
+        layers = self.parameterAsLayerList(parameters, self.INPUT, context)
+        images = [layer_path(layer) for layer in layers]
+        if not layers or None in images:
+            raise QgsProcessingException(self.tr("Choose one or more file-based input rasters."))
+        bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
+        if bands is None:
+            raise QgsProcessingException(self.tr("Bands must be comma-separated band numbers, e.g. 1,2,3."))
+        labels_layer = self.parameterAsLayer(parameters, self.LABELS, context)
+        if labels_layer is None:
+            raise QgsProcessingException(self.tr("Choose the labels: a class raster or a polygon layer."))
+        field = self.parameterAsString(parameters, self.LABEL_FIELD, context) or None
+        classes_file = None
+        if labels_layer.type() == QgsMapLayer.VectorLayer:
+            if not field:
+                raise QgsProcessingException(self.tr("Polygon labels need a class field (LABEL_FIELD)."))
+            if labels_layer.fields().indexOf(field) < 0:
+                raise QgsProcessingException(self.tr("The labels have no field {}.").format(field))
+            classes = classes_from_vector_layer(labels_layer, field)
+        else:
+            field = None
+            classes = classes_from_raster_layer(labels_layer)
+        if classes:
+            feedback.pushInfo(self.tr("Classes: {}").format(
+                ", ".join(f"{c['value']}={c['name']}" for c in classes)))
+            classes_file = write_classes_file(classes)
+        pretrained = self.parameterAsBoolean(parameters, self.PRETRAINED, context)
+        weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
+        max_time = self.parameterAsString(parameters, self.MAX_TIME, context).strip() or None
+        seed = parameters.get(self.SEED)
+        band_count = sum(layer.bandCount() for layer in layers)
+        if any(b > band_count for b in bands):
+            raise QgsProcessingException(self.tr("The input rasters have {} bands; band {} does "
+                                                 "not exist.").format(band_count, max(bands)))
+        return TrainConfig(
+            images=images, bands=bands,
+            labels=layer_path(labels_layer, feedback), label_field=field,
+            classes_file=classes_file,
+            backbone=BACKBONES[self.parameterAsEnum(parameters, self.BACKBONE, context)],
+            weights=weights if pretrained and weights else ("auto" if pretrained else "none"),
+            tuning=TUNING_METHODS[self.parameterAsEnum(parameters, self.TUNING, context)],
+            decoder=DECODERS[self.parameterAsEnum(parameters, self.DECODER, context)],
+            chip_size=self.parameterAsInt(parameters, self.CHIP_SIZE, context),
+            epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
+            max_time=max_time,
+            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+            lr=self.parameterAsDouble(parameters, self.LEARNING_RATE, context),
+            device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+            seed=None if seed in (None, "") else self.parameterAsInt(parameters, self.SEED, context),
+            out=self.parameterAsString(parameters, self.OUTPUT, context),
+        )
+
+    def processAlgorithm(self, parameters, context, feedback):
+        config = self.config(parameters, context, feedback)
+        problems = validate_train(config) + grid_problems(config.images)
+        if problems:
+            raise QgsProcessingException("\n".join(problems))
+        try:
+            result = self.run_engine_command(train_args(config), feedback)
+        finally:
+            if config.classes_file:
+                os.remove(config.classes_file)
+        summary = result.done
+        card = result.artifact("card")
+        model = result.artifact("model")
+        out = summary.get("out") or (model or {}).get("path") or config.out
+        if result.cancelled and not os.path.isfile(os.path.join(out, "card.json")):
+            feedback.reportError(self.tr("Training was cancelled before the first validation: "
+                                         "no model was written."), fatalError=False)
+            return {self.OUTPUT: None, self.CARD: None, self.BEST_VAL_MIOU: None,
+                    self.EPOCHS_DONE: summary.get("epochs")}
+        return {
+            self.OUTPUT: out,
+            self.CARD: (card or {}).get("path") or os.path.join(out, "card.json"),
+            self.BEST_VAL_MIOU: summary.get("best_val_miou"),
+            self.EPOCHS_DONE: summary.get("epochs"),
+        }
+
+
+def write_classes_file(classes: list[dict]) -> str:
+    handle, path = tempfile.mkstemp(prefix="geopeft-classes-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+        json.dump(classes, f)
+    return path

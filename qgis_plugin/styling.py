@@ -1,0 +1,231 @@
+"""Class palettes: read classes from layers and results, style rasters and polygons by class.
+
+A *class* is ``{"value": int, "name": str, "colour": "#rrggbb"}``, the engine's own format
+(the ``classes`` of a raster artifact, and the GeoTIFF tag ``GEOPEFT_CLASSES``).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from qgis.core import (
+    QgsCategorizedSymbolRenderer,
+    QgsFeatureRequest,
+    QgsFillSymbol,
+    QgsPalettedRasterRenderer,
+    QgsRasterLayer,
+    QgsRendererCategory,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
+from qgis.PyQt.QtGui import QColor
+
+CLASSES_TAG = "GEOPEFT_CLASSES"
+CLASS_FIELD = "class_id"  # field of the predicted polygons
+NAME_FIELD = "class_name"
+
+# ColorBrewer "Paired" then "Set2": readable, distinct, colour-blind friendlier than random.
+PALETTE = ("#1f78b4", "#33a02c", "#e31a1c", "#ff7f00", "#6a3d9a", "#b15928", "#a6cee3",
+           "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6", "#ffff99", "#66c2a5", "#fc8d62",
+           "#8da0cb", "#e78ac3", "#a6d854", "#ffd92f", "#e5c494", "#b3b3b3")
+
+
+def default_colour(index: int) -> str:
+    return PALETTE[index % len(PALETTE)]
+
+
+def normalise_classes(classes) -> list[dict]:
+    """Sorted by value, every class with a name and a colour."""
+    out = []
+    for i, c in enumerate(sorted(classes or [], key=lambda c: int(c["value"]))):
+        value = int(c["value"])
+        out.append({"value": value,
+                    "name": str(c.get("name") or f"class {value}"),
+                    "colour": str(c.get("colour") or c.get("color") or default_colour(i))})
+    return out
+
+
+# -- reading classes ---------------------------------------------------------------------------
+def classes_from_raster_file(path: str) -> list[dict]:
+    """The classes of a GeoPEFT prediction: the GEOPEFT_CLASSES tag, else its colour table."""
+    from osgeo import gdal  # QGIS's GDAL bindings; no ML here
+
+    ds = gdal.Open(str(path))
+    if ds is None:
+        return []
+    text = ds.GetMetadataItem(CLASSES_TAG) or ds.GetRasterBand(1).GetMetadataItem(CLASSES_TAG)
+    if text:
+        try:
+            return normalise_classes(json.loads(text))
+        except (ValueError, KeyError, TypeError):
+            pass
+    band = ds.GetRasterBand(1)
+    table = band.GetColorTable()
+    names = band.GetCategoryNames() or []
+    nodata = band.GetNoDataValue()
+    if table is None:
+        return []
+    classes = []
+    for value in range(table.GetCount()):
+        if nodata is not None and value == int(nodata):
+            continue
+        r, g, b, a = table.GetColorEntry(value)
+        named = value < len(names) and bool(names[value])
+        if a == 0 or ((r, g, b) == (0, 0, 0) and not named):
+            continue
+        name = names[value] if named else f"class {value}"
+        classes.append({"value": value, "name": name, "colour": QColor(r, g, b).name()})
+    return classes
+
+
+def classes_from_raster_layer(layer: QgsRasterLayer) -> list[dict]:
+    """Classes of a label raster: its paletted renderer, else its file's tag/colour table.
+
+    A colour table's unused entries (a GeoTIFF palette always has 256) and the nodata value are
+    left out: an entry counts when it has a name or a colour other than black.
+    """
+    renderer = layer.renderer()
+    provider = layer.dataProvider()
+    nodata = provider.sourceNoDataValue(1) if provider.sourceHasNoDataValue(1) else None
+    if isinstance(renderer, QgsPalettedRasterRenderer) and renderer.classes():
+        classes = []
+        for c in renderer.classes():
+            value = int(c.value)
+            named = bool(c.label) and c.label != str(value)
+            black = c.color.name() == "#000000"
+            if (nodata is not None and value == int(nodata)) or not (named or not black):
+                continue
+            classes.append({"value": value, "name": c.label if named else f"class {value}",
+                            "colour": c.color.name()})
+        return normalise_classes(classes)
+    return classes_from_raster_file(layer.source())
+
+
+def classes_from_vector_layer(layer: QgsVectorLayer, field: str, limit: int = 256) -> list[dict]:
+    """Classes of a polygon label layer's ``field``.
+
+    A categorized renderer on that field gives the names (legend labels) and colours. Otherwise
+    the field's distinct values are the classes: integer values are kept as class values, text
+    values are numbered 1..n in sorted order and become the class names.
+    """
+    renderer = layer.renderer()
+    if isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() == field:
+        cats = [c for c in renderer.categories() if c.value() not in (None, "") and c.renderState()]
+        if cats and all(_is_int(c.value()) for c in cats):
+            return normalise_classes({"value": int(c.value()), "name": c.label() or str(c.value()),
+                                      "colour": c.symbol().color().name()} for c in cats)
+        if cats:
+            cats = sorted(cats, key=lambda c: str(c.value()))
+            return [{"value": i + 1, "name": c.label() or str(c.value()),
+                     "colour": c.symbol().color().name()} for i, c in enumerate(cats)]
+    index = layer.fields().indexOf(field)
+    if index < 0:
+        return []
+    values = [v for v in layer.uniqueValues(index, limit) if v not in (None, "") and not _is_null(v)]
+    if values and all(_is_int(v) for v in values):
+        ints = sorted({int(v) for v in values})
+        names = _names_beside(layer, field, ints)
+        return [{"value": v, "name": names.get(v, str(v)), "colour": default_colour(i)}
+                for i, v in enumerate(ints)]
+    names = sorted({str(v) for v in values})
+    return [{"value": i + 1, "name": n, "colour": default_colour(i)} for i, n in enumerate(names)]
+
+
+def _names_beside(layer: QgsVectorLayer, field: str, values: list[int]) -> dict[int, str]:
+    """Names for integer classes from a text field such as ``class_name`` next to ``class_id``."""
+    name_field = next((f.name() for f in layer.fields()
+                       if f.name().lower() in ("class_name", "name", "label", "classname")
+                       and f.name() != field), None)
+    if not name_field:
+        return {}
+    names: dict[int, str] = {}
+    request = QgsFeatureRequest().setFlags(QgsFeatureRequest.NoGeometry)
+    request.setSubsetOfAttributes([field, name_field], layer.fields())
+    for feature in layer.getFeatures(request):
+        value = feature[field]
+        if _is_int(value) and int(value) not in names and feature[name_field]:
+            names[int(value)] = str(feature[name_field])
+        if len(names) == len(values):
+            break
+    return names
+
+
+def _is_null(value) -> bool:
+    return hasattr(value, "isNull") and value.isNull()
+
+
+def _is_int(value) -> bool:
+    if isinstance(value, bool) or _is_null(value):
+        return False
+    if isinstance(value, int):
+        return True
+    if isinstance(value, float):
+        return value.is_integer()
+    try:
+        int(str(value))
+        return True
+    except ValueError:
+        return False
+
+
+# -- styling -----------------------------------------------------------------------------------
+def paletted_renderer(layer: QgsRasterLayer, classes: list[dict]) -> QgsPalettedRasterRenderer:
+    items = [QgsPalettedRasterRenderer.Class(c["value"], QColor(c["colour"]), c["name"])
+             for c in normalise_classes(classes)]
+    return QgsPalettedRasterRenderer(layer.dataProvider(), 1, items)
+
+
+def style_prediction(layer: QgsRasterLayer, classes: list[dict] | None = None) -> bool:
+    """Paletted renderer with the class names and colours (classes read from the file if None)."""
+    classes = classes or classes_from_raster_file(layer.source())
+    if not classes or not layer.isValid():
+        return False
+    layer.setRenderer(paletted_renderer(layer, classes))
+    layer.triggerRepaint()
+    return True
+
+
+def categorized_renderer(classes: list[dict], field: str = CLASS_FIELD,
+                         geometry_type=QgsWkbTypes.PolygonGeometry) -> QgsCategorizedSymbolRenderer:
+    categories = []
+    for c in normalise_classes(classes):
+        symbol = QgsFillSymbol.createSimple({"color": c["colour"], "outline_color": "#232323",
+                                             "outline_width": "0.1"})
+        categories.append(QgsRendererCategory(c["value"], symbol, c["name"]))
+    return QgsCategorizedSymbolRenderer(field, categories)
+
+
+def style_polygons(layer: QgsVectorLayer, classes: list[dict], field: str = CLASS_FIELD) -> bool:
+    if not classes or not layer.isValid() or layer.fields().indexOf(field) < 0:
+        return False
+    layer.setRenderer(categorized_renderer(classes, field))
+    layer.triggerRepaint()
+    return True
+
+
+def write_default_style(path: str, classes: list[dict], kind: str = "raster") -> str | None:
+    """Make QGIS show a result styled by class wherever it is opened.
+
+    Rasters: ``<name>.qml`` beside the file (QGIS's default-style sidecar). Polygons in a
+    GeoPackage: the default style stored inside it (so ``pred.tif`` + ``pred.gpkg`` in one folder
+    do not fight over ``pred.qml``); other vector formats: a ``.qml`` unless one exists already.
+    """
+    if not classes or not os.path.exists(path):
+        return None
+    if kind == "raster":
+        layer = QgsRasterLayer(path, "prediction", "gdal")
+        ok = style_prediction(layer, classes)
+    else:
+        layer = QgsVectorLayer(path, "polygons", "ogr")
+        ok = style_polygons(layer, classes)
+    if not ok:
+        return None
+    qml = os.path.splitext(path)[0] + ".qml"
+    if kind != "raster":
+        if path.lower().endswith(".gpkg"):
+            error = layer.saveStyleToDatabase("geopeft classes", "GeoPEFT classes", True, "")
+            return None if error else path
+        if os.path.exists(qml):
+            return None
+    _message, saved = layer.saveNamedStyle(qml)
+    return qml if saved else None

@@ -1,0 +1,119 @@
+"""Render the plugin's dialogs offscreen into docs/*.png (``make screenshots``).
+
+    QT_QPA_PLATFORM=offscreen .venv/bin/python tests/plugin/screenshots.py [--out docs]
+
+The dialogs are filled from a small generated project (the test rasters); the Train dialog is
+shown mid-run by feeding it the engine events a real run emits (no engine is started), so the
+pictures are reproducible.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from plugin_testdata import REPO, write_test_data  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(REPO / "docs"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
+    from qgis.PyQt.QtCore import QCoreApplication
+    from qgis.PyQt.QtGui import QFont
+
+    app = QgsApplication([], True)
+    app.initQgis()
+    app.setFont(QFont("DejaVu Sans", 9))
+    work = Path(tempfile.mkdtemp(prefix="geopeft-shots-"))
+    data = write_test_data(work / "data", size=256)
+    project = QgsProject.instance()
+    project.addMapLayers([
+        QgsRasterLayer(str(data["scene"]), "HLS scene 2024-06-12"),
+        QgsRasterLayer(str(data["labels"]), "land cover labels (raster)"),
+        QgsVectorLayer(str(data["labels_gpkg"]), "land cover polygons", "ogr"),
+    ])
+
+    from qgis_plugin.dialogs.predict_dialog import PredictDialog
+    from qgis_plugin.dialogs.setup_dialog import SetupDialog
+    from qgis_plugin.dialogs.train_dialog import TrainDialog
+
+    def grab(widget, name):
+        widget.show()
+        for _ in range(5):
+            QCoreApplication.processEvents()
+        path = out / name
+        widget.grab().save(str(path))
+        widget.close()
+        print(path)
+
+    train = TrainDialog(None)
+    train.set_checked_bands([1, 2, 3, 4, 5, 6])
+    train.chip_size.setValue(224)
+    train.epochs.setValue(20)
+    train.max_time.setText("30m")
+    train.out.setFilePath("/home/analyst/geopeft/models/landcover-lora")
+    grab(train, "train-dialog.png")
+    train._set_running(True)
+    from qgis_plugin.processing.base import ProgressMapper
+    train._mapper = ProgressMapper("train")
+    train._metrics = {}
+    for event in (
+            {"v": 1, "event": "progress", "stage": "train", "step": 412, "total": 1200,
+             "epoch": 7, "loss": 0.3127},
+            {"v": 1, "event": "metric", "name": "val_loss", "value": 0.3561, "stage": "validate",
+             "epoch": 6},
+            {"v": 1, "event": "metric", "name": "val_miou", "value": 0.7342, "stage": "validate",
+             "epoch": 6}):
+        train._on_event(event)
+    grab(train, "train-dialog-running.png")
+
+    model = work / "models" / "landcover-lora"
+    model.mkdir(parents=True)
+    (model / "card.json").write_text(json.dumps({
+        "backbone": {"name": "prithvi_eo_v2_300_tl"}, "tuning": {"method": "lora"},
+        "classes": [{"value": 1, "name": "water", "colour": "#1f78b4"},
+                    {"value": 2, "name": "forest", "colour": "#33a02c"},
+                    {"value": 3, "name": "urban", "colour": "#e31a1c"},
+                    {"value": 4, "name": "crop", "colour": "#ff7f00"}],
+        "input": {"band_names": ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]}}))
+    predict = PredictDialog(None)
+    predict.model.setFilePath(str(model))
+    predict.model.setFilePath("/home/analyst/geopeft/models/landcover-lora")  # shown path
+    predict.out.setFilePath("/home/analyst/geopeft/results/scene_2024-06-12_classes.tif")
+    predict.want_polygons.setChecked(True)
+    predict.polygons.setFilePath("/home/analyst/geopeft/results/scene_2024-06-12_classes.gpkg")
+    predict.probabilities.setFilePath("/home/analyst/geopeft/results/scene_2024-06-12_probabilities.tif")
+    predict.model_info.setText(__import__("qgis_plugin.dialogs.predict_dialog", fromlist=["x"])
+                               .describe_model(str(model)))
+    grab(predict, "predict-dialog.png")
+
+    setup = SetupDialog(None)
+    setup.python.setFilePath("/home/analyst/geopeft/.venv/bin/python")
+    setup.state.setText("GeoPEFT engine 0.1.0 is installed.")
+    setup.venv.setFilePath("/home/analyst/.local/share/QGIS/QGIS3/profiles/default/geopeft-engine-venv")
+    setup.progress.setValue(50)
+    setup.step_label.setText("Step 3/4: Installing the engine and its dependencies (large download: PyTorch)…")
+    for line in ("$ …/geopeft-engine-venv/bin/python -m pip install -c constraints.txt …/engine_src",
+                 "Processing …/engine_src", "Collecting torch>=2.4",
+                 "  Downloading torch-2.5.1-cp311-cp311-manylinux1_x86_64.whl (906 MB)",
+                 "Collecting peft>=0.13", "Collecting rasterio>=1.3.9"):
+        setup.output.appendPlainText(line)
+    grab(setup, "setup-dialog.png")
+    app.exitQgis()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The GeoPEFT Processing provider in a real QGIS, driving the real engine subprocess."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from qgis.core import (
+    QgsApplication,
+    QgsPalettedRasterRenderer,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
+
+from plugin_testdata import CLASSES, needs_engine, tiny_train_parameters
+
+ALGORITHMS = ("train", "predict", "export_onnx", "evaluate")
+
+
+def run(alg: str, params: dict, feedback=None) -> dict:
+    from qgis import processing
+    return processing.run(f"geopeft:{alg}", params, feedback=feedback)
+
+
+def assert_on_grid(path, reference) -> QgsRasterLayer:
+    layer = QgsRasterLayer(str(path), "out")
+    ref = QgsRasterLayer(str(reference), "ref")
+    assert layer.isValid(), path
+    assert (layer.width(), layer.height()) == (ref.width(), ref.height())
+    assert layer.extent() == ref.extent()
+    assert layer.crs() == ref.crs()
+    return layer
+
+
+def test_provider_registers_four_algorithms(provider):
+    registry = QgsApplication.processingRegistry()
+    assert registry.providerById("geopeft").name() == "GeoPEFT"
+    for name in ALGORITHMS:
+        alg = registry.algorithmById(f"geopeft:{name}")
+        assert alg is not None, name
+        assert alg.shortHelpString() and alg.displayName()
+        assert alg.parameterDefinition("OUTPUT") is not None
+    assert registry.algorithmById("geopeft:predict").parameterDefinition("INPUT") is not None
+    assert registry.algorithmById("geopeft:predict").parameterDefinition("MODEL") is not None
+    assert registry.algorithmById("geopeft:train").parameterDefinition("INPUT") is not None
+
+
+@needs_engine
+def test_train_writes_a_model(trained_model):
+    card = json.loads((trained_model / "card.json").read_text())
+    assert (trained_model / "adapter.safetensors").is_file()
+    # class names/colours came from the label raster's colour table + category names
+    assert [c["name"] for c in card["classes"]] == [c["name"] for c in CLASSES]
+
+
+@needs_engine
+def test_predict_returns_styled_layers_on_the_input_grid(trained_model, data, tmp_path):
+    result = run("predict", {"INPUT": str(data["scene"]), "MODEL": str(trained_model / "card.json"),
+                             "OUTPUT": str(tmp_path / "pred.tif"),
+                             "PROBABILITIES": str(tmp_path / "probs.tif"),
+                             "POLYGONS": str(tmp_path / "pred.gpkg"), "DEVICE": 1})
+    layer = assert_on_grid(result["OUTPUT"], data["scene"])
+    assert_on_grid(result["PROBABILITIES"], data["scene"])
+    # the class raster opens styled by class (sidecar .qml written next to it)
+    assert isinstance(layer.renderer(), QgsPalettedRasterRenderer)
+    labels = {c.label for c in layer.renderer().classes()}
+    assert labels == {c["name"] for c in CLASSES}
+    assert {c["name"] for c in json.loads(result["CLASSES"])} == labels
+    polygons = QgsVectorLayer(result["POLYGONS"], "polygons", "ogr")
+    assert polygons.isValid() and polygons.featureCount() > 0
+    assert {"class_id", "class_name"} <= set(polygons.fields().names())
+    assert set(polygons.uniqueValues(polygons.fields().indexOf("class_name"))) <= labels
+    assert polygons.renderer().type() == "categorizedSymbol"
+
+
+@needs_engine
+def test_export_onnx_then_predict_with_it(trained_model, data, tmp_path):
+    result = run("export_onnx", {"MODEL": str(trained_model), "OUTPUT": str(tmp_path / "m.onnx")})
+    assert Path(result["OUTPUT"]).is_file()
+    assert result["MAX_ABS_DIFF"] is not None and result["MAX_ABS_DIFF"] < 1e-2
+    pred = run("predict", {"INPUT": str(data["scene"]), "MODEL": result["OUTPUT"],
+                           "OUTPUT": str(tmp_path / "onnx_pred.tif")})
+    assert_on_grid(pred["OUTPUT"], data["scene"])
+
+
+@pytest.fixture(scope="module")
+def prediction(trained_model, data, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("prediction") / "pred.tif"
+    return run("predict", {"INPUT": str(data["scene"]), "MODEL": str(trained_model),
+                           "OUTPUT": str(out)})["OUTPUT"]
+
+
+@needs_engine
+@pytest.mark.parametrize("labels", ["raster", "polygons"])
+def test_evaluate(prediction, data, tmp_path, labels):
+    params = {"INPUT": prediction, "OUTPUT": str(tmp_path / "metrics.json")}
+    if labels == "raster":
+        params["LABELS"] = str(data["labels"])
+    else:
+        params.update(LABELS=str(data["labels_gpkg"]), LABEL_FIELD="class_id")
+    result = run("evaluate", params)
+    assert 0.0 <= result["MIOU"] <= 1.0 and 0.0 <= result["PIXEL_ACCURACY"] <= 1.0
+    assert Path(result["OUTPUT"]).is_file()
+    assert json.loads(result["PER_CLASS"])
+
+
+@needs_engine
+def test_cancel_during_training_stops_quickly_and_leaves_no_partial_output(data, provider, tmp_path):
+    out = tmp_path / "cancelled"
+    feedback = QgsProcessingFeedback()
+    cancelled_at = []
+
+    def on_progress(percent):
+        if percent > 5 and not cancelled_at:  # training has started (past "prepare")
+            cancelled_at.append(time.monotonic())
+            feedback.cancel()
+    feedback.progressChanged.connect(on_progress)
+    result = run("train", tiny_train_parameters(data, out, EPOCHS=50), feedback=feedback)
+    stopped = time.monotonic()
+    assert cancelled_at, "training never reported progress"
+    assert stopped - cancelled_at[0] < 20, f"engine took {stopped - cancelled_at[0]:.1f}s to stop"
+    # cancelled before the first validation: nothing (not even a half-written folder) is left
+    leftovers = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    assert leftovers in ([], ["adapter.safetensors", "card.json"]), leftovers
+    assert result["OUTPUT"] is None or (Path(result["OUTPUT"]) / "card.json").is_file()
+
+
+def test_invalid_model_is_refused_with_a_message(provider, data, tmp_path):
+    with pytest.raises(QgsProcessingException, match="not a GeoPEFT model folder"):
+        run("predict", {"INPUT": str(data["scene"]), "MODEL": str(tmp_path),
+                        "OUTPUT": str(tmp_path / "p.tif")})
+
+
+def test_polygon_labels_need_a_field(provider, data, tmp_path):
+    with pytest.raises(QgsProcessingException, match="class field"):
+        run("train", tiny_train_parameters(data, tmp_path / "m", LABELS=str(data["labels_gpkg"])))
+
+
+def test_rasters_on_different_grids_are_refused(provider, data, tmp_path):
+    with pytest.raises(QgsProcessingException, match="same grid"):
+        run("train", tiny_train_parameters(
+            data, tmp_path / "m", INPUT=[str(data["scene"]), str(data["other_grid"])]))
+
+
+def test_missing_engine_gives_one_message_with_the_fix(provider, data, tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "card.json").write_text("{}")
+    monkeypatch.setenv("GEOPEFT_ENGINE_PYTHON", str(tmp_path / "no-venv" / "bin" / "python"))
+    with pytest.raises(QgsProcessingException) as info:
+        run("predict", {"INPUT": str(data["scene"]), "MODEL": str(model),
+                        "OUTPUT": str(tmp_path / "p.tif")})
+    message = str(info.value)
+    assert "not found" in message and "Set up engine" in message
+    assert "Traceback" not in message
+
+
+def test_crashed_engine_reports_the_tail_of_its_output(provider, tmp_path, fake_python, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "card.json").write_text("{}")
+    monkeypatch.setenv("GEOPEFT_ENGINE_PYTHON", fake_python)
+    monkeypatch.setenv("FAKE_ENGINE_MODE", "crash")
+    with pytest.raises(QgsProcessingException) as info:
+        run("export_onnx", {"MODEL": str(model), "OUTPUT": str(tmp_path / "m.onnx")})
+    assert "exit status 3" in str(info.value) and "CUDA out of memory" in str(info.value)
