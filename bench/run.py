@@ -32,6 +32,11 @@ PEERS = {  # TerraTorch 1.2.13 on this machine kind: Prithvi-EO-2.0-100M-TL, UNe
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: per address space, so unlike ru_maxrss it
+    does not carry over the parent's peak through fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

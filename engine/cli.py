@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chips-per-epoch", type=int, help="chips drawn per epoch (default: all training windows, "
                    "at least 8 batches)")
     t.add_argument("--device", default="auto", help="auto, cpu or gpu")
-    t.add_argument("--precision", default="auto", help="auto (bf16-mixed on GPU, 32 on CPU), 32, bf16-mixed, 16-mixed")
+    t.add_argument("--precision", default="auto",
+                   help="auto (bf16-mixed on GPUs and on CPUs with native bf16, else 32), 32, bf16-mixed, 16-mixed")
     t.add_argument("--devices", default="1", help="Lightning devices (e.g. 2, or auto)")
     t.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes")
     t.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--overlap", type=int, help="tile overlap in pixels (default: a quarter tile)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"],
+                   help="PyTorch models: auto = bf16 on GPUs and bf16-capable CPUs, else fp32 (ONNX: fp32)")
     _common(p)
 
     e = sub.add_parser("export", help="merge adapters and export the model to ONNX", formatter_class=fmt)
@@ -134,10 +137,11 @@ def cmd_predict(a, reporter: Reporter) -> dict:
     from engine.inference.predict import predict
 
     summary = predict(a.model, a.image, a.out, probabilities=a.probabilities, batch_size=a.batch_size,
-                      overlap=a.overlap, device=a.device, bands=parse_band_list(a.bands), reporter=reporter)
+                      overlap=a.overlap, device=a.device, bands=parse_band_list(a.bands),
+                      precision=a.precision, reporter=reporter)
     if reporter.mode == "human" and summary.get("out"):
         print(f"prediction written to {summary['out']} ({summary['tiles']} tiles in {summary['seconds']} s, "
-              f"{summary['runner']} on {summary['device']})")
+              f"{summary['runner']} on {summary['device']}, {summary['precision']})")
     return summary
 
 

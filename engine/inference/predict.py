@@ -38,10 +38,10 @@ def output_dtype(classes: list[dict]) -> tuple[str, int]:
 def run_prediction(model: str | os.PathLike, images: list[str], out: str | os.PathLike,
                    probabilities: str | os.PathLike | None = None, batch_size: int = 8,
                    overlap: int | None = None, device: str = "auto", bands: list[int] | None = None,
-                   reporter: Reporter | None = None) -> dict:
+                   precision: str = "auto", reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
-    runner = load_runner(model, device, reporter)
+    runner = load_runner(model, device, reporter, precision)
     card = runner.card
     classes = card["classes"]
     size = int(card["chip_size"])
@@ -126,6 +126,7 @@ def run_prediction(model: str | os.PathLike, images: list[str], out: str | os.Pa
         reporter.artifact("probabilities", str(probabilities), classes=classes, nodata=PROBABILITY_NODATA)
     return {"out": str(out), "probabilities": str(probabilities) if probabilities else None,
             "tiles": total_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
+            "precision": "bf16" if getattr(runner, "bf16", False) else "fp32",
             "device": str(runner.device), "classes": classes}
 
 

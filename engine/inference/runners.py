@@ -49,8 +49,14 @@ class OnnxRunner:
 
 
 class TorchRunner:
-    def __init__(self, model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None):
+    """``precision``: ``auto`` runs bf16 autocast on CUDA and on CPUs with native bf16, else
+    fp32; ``32`` always fp32; ``bf16`` always bf16 autocast."""
+
+    def __init__(self, model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None,
+                 precision: str = "auto"):
         import torch
+
+        from engine.models.compat import fast_bf16_cpu
 
         from engine.models.segmentor import Probabilities
         from engine.tuning import merge
@@ -65,19 +71,23 @@ class TorchRunner:
         self.model = Probabilities(merge(load_trained_model(self.card, folder, reporter or Reporter("quiet"))))
         self.model.eval().to(self.device)
         self._torch = torch
+        if precision not in ("auto", "32", "bf16"):
+            raise EngineError(f"unknown precision {precision!r}", hint="use auto, 32 or bf16")
+        self.bf16 = precision == "bf16" or (precision == "auto" and (self.device.type == "cuda" or fast_bf16_cpu()))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 return self.model(x).float().cpu().numpy()
 
 
-def load_runner(model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None):
+def load_runner(model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None,
+                precision: str = "auto"):
     if str(model).lower().endswith(".onnx"):
-        return OnnxRunner(model, device)
-    return TorchRunner(model, device, reporter)
+        return OnnxRunner(model, device)  # fp32 as exported
+    return TorchRunner(model, device, reporter, precision)
 
 
 def load_trained_model(card: dict, folder: Path, reporter: Reporter):

@@ -39,3 +39,13 @@ def ensure_torchvision_importable() -> None:
     _LIBRARY = torch.library.Library("torchvision", "DEF")
     _LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _LIBRARY.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+def fast_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): then bf16 autocast runs a
+    ViT 2-4× faster than fp32. Layers where torch's CPU bf16 is wrong stay fp32 (see prithvi)."""
+    import torch
+
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())

@@ -46,7 +46,7 @@ class TrainConfig:
     lr: float = 1e-3
     val_fraction: float = 0.2
     device: str = "auto"  # auto, cpu, gpu/cuda
-    precision: str = "auto"  # auto, 32, bf16-mixed, 16-mixed
+    precision: str = "auto"  # auto (bf16-mixed on GPUs and bf16-capable CPUs, else 32), 32, bf16-mixed, 16-mixed
     devices: str = "1"
     num_nodes: int = 1
     strategy: str = "auto"
@@ -85,7 +85,8 @@ def resolve_accelerator(device: str, precision: str) -> tuple[str, str]:
         if device == "gpu":
             precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         else:
-            precision = "32-true"
+            from engine.models.compat import fast_bf16_cpu
+            precision = "bf16-mixed" if fast_bf16_cpu() else "32-true"
     elif precision == "32":
         precision = "32-true"
     return device, precision
