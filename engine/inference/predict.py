@@ -35,7 +35,7 @@ def output_dtype(classes: list[dict]) -> tuple[str, int]:
     return "int32", -2147483648
 
 
-def run_prediction(model: str | os.PathLike, images: list[str], out: str | os.PathLike,
+def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.PathLike,
                    probabilities: str | os.PathLike | None = None, batch_size: int = 8,
                    overlap: int | None = None, device: str = "auto", bands: list[int] | None = None,
                    precision: str = "auto", reporter: Reporter | None = None) -> dict:
@@ -148,8 +148,11 @@ class _maybe_atomic:
 
 
 def predict(model, images, out, **kwargs) -> dict:
-    """Prediction that turns a cancel into a clean stop (no output left behind)."""
+    """Predict ``images`` (paths on one grid) with ``model`` (model folder, its card.json, or an
+    .onnx file) into the GeoTIFF ``out``. Keyword options: ``probabilities`` (path),
+    ``batch_size``, ``overlap`` (pixels), ``device``, ``bands``, ``precision``, ``reporter``.
+    A cancel through the reporter stops cleanly and leaves no output behind."""
     try:
-        return run_prediction(model, images, out, **kwargs)
+        return _run_prediction(model, images, out, **kwargs)
     except _Cancelled:
         return {"out": None, "cancelled": True}
