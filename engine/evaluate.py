@@ -34,11 +34,14 @@ def evaluate(prediction: str | os.PathLike, labels: str | os.PathLike, out: str 
         known = json.loads(tagged) if tagged else None
         reference = load_labels(labels, grid, label_field, ignore_index, known)
         ref_values = np.array([c["value"] for c in reference.classes])
-        pred_values = set()
         blocks = [w for _, w in ds.block_windows(1)]
-        for w in blocks:
-            v = ds.read(1, window=w)
-            pred_values.update(np.unique(v[v != nodata] if nodata is not None else v).tolist())
+        if known:  # a GeoPEFT prediction names its classes: no need to scan it first
+            pred_values = {c["value"] for c in known}
+        else:
+            pred_values = set()
+            for w in blocks:
+                v = ds.read(1, window=w)
+                pred_values.update(np.unique(v[v != nodata] if nodata is not None else v).tolist())
         classes = make_classes(set(ref_values.tolist()) | pred_values, (known or []) + reference.classes)
         table = np.array([c["value"] for c in classes])
         # reference indices → union indices

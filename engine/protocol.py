@@ -14,7 +14,8 @@ progress   stage (str: "prepare", "train", "validate", "predict", "export", "eva
            time budget used, for progress bars when only ``--max-time`` bounds training)
 metric     name (str), value (float), stage (str), epoch (int, optional)
 artifact   kind (str: "model", "card", "raster", "probabilities", "onnx", "metrics"),
-           path (str), plus extras (e.g. classes for rasters)
+           path (str), plus extras (e.g. classes for rasters); demo-data also reports
+           "labels" and "polygons"
 warning    message (str)
 error      message (str), error_type (str), hint (str, optional)
 done       ok (bool), cancelled (bool), plus a summary dict of the command's results
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -91,6 +93,25 @@ def decode_event(line: str) -> dict | None:
     if not isinstance(obj, dict) or obj.get("event") not in EVENTS or "v" not in obj:
         return None
     return obj
+
+
+def parse_duration(text: str | None) -> float | None:
+    """A time budget (``--max-time``): ``90s``, ``5m``, ``1h``, ``1h30m`` or plain seconds →
+    seconds; None when empty. Raises ValueError for anything else. Here because the plugin
+    validates the same text before it starts the engine."""
+    if text is None or str(text).strip() == "":
+        return None
+    text = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
+        if not parts or "".join(a + b for a, b in parts) != text:
+            raise ValueError(f"bad duration {text!r}: use e.g. 90s, 5m, 1h or 1h30m")
+        seconds = sum(float(a) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[b] for a, b in parts)
+    if seconds <= 0:
+        raise ValueError(f"bad duration {text!r}: must be positive")
+    return seconds
 
 
 class Reporter:

@@ -5,7 +5,7 @@ uses ``bands``/``mean``/``std`` to adapt the first layer when the user's bands d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.protocol import EngineError
 
@@ -33,8 +33,6 @@ class BackboneSpec:
     hub_repo: str | None = None
     hub_file: str | None = None
     licence: str = "Apache-2.0"
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}

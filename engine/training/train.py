@@ -5,7 +5,6 @@ import datetime as dt
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ from engine.card import CARD_VERSION, WEIGHTS_FILE, write_card
 from engine.data.chips import band_statistics, spatial_split
 from engine.data.labels import load_labels
 from engine.data.rasters import RasterStack, current_umask
+from engine import protocol
 from engine.protocol import EngineError, Reporter
 from engine.tuning import METHODS, TuningConfig
 
@@ -56,16 +56,10 @@ class TrainConfig:
 
 
 def parse_duration(text: str | None) -> float | None:
-    """``90s``, ``5m``, ``1h``, ``1h30m`` or plain seconds → seconds."""
-    if text in (None, ""):
-        return None
-    text = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
-    if not parts or "".join(f"{a}{b}" for a, b in parts) != text.replace(" ", ""):
-        raise EngineError(f"bad duration {text!r}", hint="use e.g. 90s, 5m, 1h or 1h30m")
-    return sum(float(a) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[b] for a, b in parts)
+    try:
+        return protocol.parse_duration(text)
+    except ValueError as exc:
+        raise EngineError(str(exc), hint="use e.g. 90s, 5m, 1h or 1h30m") from None
 
 
 def resolve_accelerator(device: str, precision: str) -> tuple[str, str]:
@@ -197,7 +191,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
         max_time=dt.timedelta(seconds=max_seconds) if max_seconds else None,
         callbacks=[progress, keep], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        log_every_n_steps=1, default_root_dir=workdir, deterministic=False,
+        log_every_n_steps=1, default_root_dir=workdir,
     )
     reporter.enabled = reporter.enabled and trainer.is_global_zero
     reporter.progress("prepare", 4, 4, "training")

@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The engine's backbone registry (engine/models/registry.py; a test keeps the two in sync),
+from .protocol import parse_duration as _parse_duration
+
+# The engine's backbone registry (`engine models`; a test keeps the two in sync),
 # with each model's patch size: the chip size must be a multiple of it.
 PATCH_SIZES = {
     "prithvi_eo_v2_tiny": 16, "prithvi_eo_v2_100": 16, "prithvi_eo_v2_300": 16,
@@ -135,21 +137,12 @@ def evaluate_args(c: EvaluateConfig) -> list[str]:
 
 
 # -- validation shared by dialogs and algorithms (messages, never asserts) ----------------------
-_TIME_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str) -> int | None:
-    """'90s' / '5m' / '1h' / '120' -> seconds; None if it is not a duration."""
-    text = text.strip().lower()
-    if not text:
-        return None
-    unit = text[-1] if text[-1] in _TIME_UNITS else "s"
-    number = text[:-1] if text[-1] in _TIME_UNITS else text
+def parse_duration(text: str) -> float | None:
+    """Seconds of a time budget, None if it is not one (the engine's own parser)."""
     try:
-        value = float(number)
+        return _parse_duration(text)
     except ValueError:
         return None
-    return int(value * _TIME_UNITS[unit]) if value > 0 else None
 
 
 def parse_bands(text: str) -> list[int] | None:

@@ -48,6 +48,7 @@ EVENTS = _protocol.EVENTS
 EXIT_OK = _protocol.EXIT_OK
 EXIT_USER_ERROR = _protocol.EXIT_USER_ERROR
 EXIT_INTERNAL_ERROR = _protocol.EXIT_INTERNAL_ERROR
+parse_duration = _protocol.parse_duration
 
 __all__ = ["decode_event", "engine_source_dir", "PROTOCOL_VERSION", "EVENTS",
-           "EXIT_OK", "EXIT_USER_ERROR", "EXIT_INTERNAL_ERROR"]
+           "EXIT_OK", "EXIT_USER_ERROR", "EXIT_INTERNAL_ERROR", "parse_duration"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import subprocess
 import sys
@@ -98,8 +99,9 @@ def test_installed_plugin_loads_protocol_from_engine_src(tmp_path):
 
 
 def test_backbones_match_the_engine_registry():
+    """The plugin's model list is what the engine itself reports (`engine models`)."""
     from qgis_plugin.core.commands import PATCH_SIZES
-    source = (REPO / "engine" / "models" / "registry.py").read_text()
-    registered = dict(re.findall(r'register\(BackboneSpec\("(\w+)", "\w+", \d+, \d+, \d+, (\d+)',
-                                 source))
-    assert {k: int(v) for k, v in registered.items()} == PATCH_SIZES
+    proc = subprocess.run([sys.executable, "-m", "engine", "models", "--events", "jsonl"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    done = [json.loads(line) for line in proc.stdout.splitlines() if '"done"' in line][0]
+    assert {m["name"]: m["patch"] for m in done["models"]} == PATCH_SIZES
