@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.windows import Window
 
 from engine.data.demo import make_demo_scene
 from engine.data.rasters import atomic_output

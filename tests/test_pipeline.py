@@ -3,11 +3,9 @@ predict → evaluate on a generated scene; bad inputs; cancel; DDP."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -155,7 +153,7 @@ def test_predict_errors_leave_no_output(trained, tmp_path, demo_scene):
 
 
 def test_cancel_stops_training_cleanly(demo_scene, tmp_path):
-    """SIGTERM mid-training: the engine stops within seconds, exits 0 with done(cancelled) and
+    """SIGTERM mid-training: the engine stops after the step in flight, exits 0 with done(cancelled) and
     either writes a complete model (best so far) or nothing."""
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "engine", "train", "--image", str(demo_scene.image), "--labels",
@@ -167,11 +165,14 @@ def test_cancel_stops_training_cleanly(demo_scene, tmp_path):
         events.append(json.loads(line))
         if events[-1]["event"] == "progress" and events[-1]["stage"] == "train" and events[-1]["step"] >= 12:
             break
-    sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    events += [json.loads(line) for line in proc.stdout]
-    rc = proc.wait(timeout=60)
-    assert time.monotonic() - sent < 30
+    after = [json.loads(line) for line in proc.stdout]
+    rc = proc.wait(timeout=120)  # a hang guard, not a speed check
+    # Lightning finishes the batch in flight, then stops: within the epoch (8 steps), not after
+    # 50 epochs (events already in the pipe when the signal went may still arrive).
+    steps = [e["step"] for e in events + after if e["event"] == "progress" and e["stage"] == "train"]
+    assert max(steps) <= events[-1]["step"] + 8
+    events += after
     done = events[-1]
     assert rc == 0 and done["event"] == "done" and done["cancelled"] is True
     if out.exists():  # one epoch ended before the cancel: a complete, loadable model

@@ -192,7 +192,7 @@ def load_backbone_weights(encoder: nn.Module, spec: BackboneSpec, path: Path | N
                           hint="pick the --backbone that matches the weights file")
     encoder.load_state_dict(state, strict=True)
     if matched:
-        reporter.info(f"pretrained bands matched by name: " +
+        reporter.info("pretrained bands matched by name: " +
                       ", ".join(f"{u}→{spec.bands[i]}" for u, i in matched.items()))
     if fresh:
         reporter.warning(f"bands without a pretrained counterpart start from fresh weights: {', '.join(fresh)} "

@@ -153,7 +153,6 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
 
     reporter.progress("prepare", 3, 4, "building the model")
     import lightning as L
-    import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from engine.models.checkpoints import load_backbone_weights, resolve_weights

