@@ -1,4 +1,4 @@
-"""Shared test helpers: run the engine CLI as the plugin does, and find the shared data."""
+"""Shared test helpers: run the engine CLI as the plugin does, and find the test data."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SEN1FLOODS11 = REPO.parent / "shared" / "data" / "sen1floods11"
+SEN1FLOODS11 = REPO / "tests" / "data"  # copied from Sen1Floods11 (CC BY 4.0), see tests/data/README.md
 ENGINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 

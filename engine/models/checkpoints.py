@@ -198,4 +198,4 @@ def load_backbone_weights(encoder: nn.Module, spec: BackboneSpec, path: Path | N
         reporter.warning(f"bands without a pretrained counterpart start from fresh weights: {', '.join(fresh)} "
                          f"(the model was pretrained on {', '.join(spec.bands)}; name your bands with "
                          "--band-names to match them)")
-    return LoadedWeights("file", str(path), sha256_file(path), matched, fresh)
+    return LoadedWeights("file", str(Path(path).resolve()), sha256_file(path), matched, fresh)

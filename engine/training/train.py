@@ -134,6 +134,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
         mean, std = band_statistics(stack, train_target >= 0)
         grid = stack.grid
         band_indices = stack.band_indices
+        source_dtype = stack.dtype
 
     from engine.training.data import ChipDataModule, ChipDataset, ChipSource, labelled_windows
     train_windows = labelled_windows(train_target, cfg.chip_size, stride, 0.02) or \
@@ -216,7 +217,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
         "decoder": cfg.decoder,
         "tuning": cfg.tuning.as_dict(),
         "input": {"bands": band_indices, "band_names": band_names, "num_images": len(cfg.images),
-                  "mean": mean, "std": std, "dtype": "float32",
+                  "mean": mean, "std": std, "dtype": "float32", "source_dtype": str(np.dtype(source_dtype)),
                   "nodata": "pixels nodata in any selected band are not predicted"},
         "classes": labels.classes,
         "chip_size": cfg.chip_size,
