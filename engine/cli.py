@@ -183,14 +183,17 @@ def cmd_demo(a, reporter: Reporter) -> dict:
 
 
 def cmd_models(a, reporter: Reporter) -> dict:
-    from engine.models.registry import BACKBONES
+    from engine.models.registry import BACKBONES, BAND_ALIASES
 
     rows = [{"name": s.name, "embed_dim": s.embed_dim, "depth": s.depth, "patch": s.patch_size,
              "bands": list(s.bands), "hub": f"{s.hub_repo}/{s.hub_file}"} for s in BACKBONES.values()]
     if reporter.mode == "human":
         for r in rows:
             print(f"{r['name']:<22} dim {r['embed_dim']:>4}  depth {r['depth']:>2}  patch {r['patch']:>2}  {r['hub']}")
-    return {"models": rows}
+    # band_aliases: the names users' bands carry -> the models' band names (the table
+    # canonical_band uses after upper-casing and replacing '-' by '_'), so callers such as the
+    # QGIS plugin can show which bands will match without a copy of the table.
+    return {"models": rows, "band_aliases": dict(BAND_ALIASES)}
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export, "evaluate": cmd_evaluate,
