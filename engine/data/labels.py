@@ -109,6 +109,7 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
                 classes = None
         if Grid.of(ds).same_as(grid):
             values = ds.read(1)
+            covered = np.ones(values.shape, bool)
         else:
             if ds.crs is None or grid.crs is None:
                 raise EngineError(f"labels {path.name} are on another grid than the image and have no CRS",
@@ -118,13 +119,13 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
             if right <= gl or left >= gr or top <= gb or bottom >= gt:
                 raise EngineError(f"labels {path.name} do not overlap the image",
                                   hint="check that labels and image cover the same area (and their CRS)")
-            fill = nodata if nodata is not None else (ignore_value if ignore_value is not None else 0)
-            # Nearest neighbour: class numbers must not be averaged.
+            # Nearest neighbour: class numbers must not be averaged. The alpha band marks the
+            # pixels the labels cover, so no class value (0 included) stands in for "outside".
             with WarpedVRT(ds, crs=grid.crs, transform=grid.transform, width=grid.width,
-                           height=grid.height, resampling=Resampling.nearest, nodata=fill) as vrt:
+                           height=grid.height, resampling=Resampling.nearest, add_alpha=True) as vrt:
                 values = vrt.read(1)
-            nodata = fill
-    invalid = np.zeros(values.shape, bool)
+                covered = vrt.read_masks(1) > 0
+    invalid = ~covered
     if nodata is not None:
         invalid |= values == nodata
     if ignore_value is not None:
