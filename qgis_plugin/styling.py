@@ -24,13 +24,39 @@ CLASSES_TAG = "GEOPEFT_CLASSES"
 CLASS_FIELD = "class_id"  # field of the predicted polygons
 NAME_FIELD = "class_name"
 
-# ColorBrewer "Paired" then "Set2": readable, distinct, colour-blind friendlier than random.
-PALETTE = ("#1f78b4", "#33a02c", "#e31a1c", "#ff7f00", "#6a3d9a", "#b15928", "#a6cee3",
-           "#b2df8a", "#fb9a99", "#fdbf6f", "#cab2d6", "#ffff99", "#66c2a5", "#fc8d62",
-           "#8da0cb", "#e78ac3", "#a6d854", "#ffd92f", "#e5c494", "#b3b3b3")
+# Distinct, readable colours for classes without a colour of their own; no red early on, so
+# that an unnamed class (often water, in flood maps) does not come out red.
+PALETTE = ("#1f78b4", "#33a02c", "#ff7f00", "#6a3d9a", "#b15928", "#a6cee3", "#b2df8a",
+           "#fdbf6f", "#cab2d6", "#ffff99", "#66c2a5", "#8da0cb", "#e78ac3", "#a6d854",
+           "#ffd92f", "#e5c494", "#b3b3b3", "#fc8d62", "#fb9a99", "#e31a1c")
+
+# Colours for classes named like common land covers (first match wins; "wetland" before "water").
+NAMED_COLOURS = (
+    (("wetland", "marsh", "swamp", "mangrove"), "#41b6c4"),
+    (("water", "river", "lake", "sea", "ocean", "flood", "reservoir", "pond"), "#1f78b4"),
+    (("snow", "ice", "glacier"), "#d6eef5"),
+    (("cloud",), "#f0f0f0"),
+    (("shadow",), "#525252"),
+    (("forest", "tree", "wood"), "#1b7837"),
+    (("vegetation", "grass", "shrub", "meadow", "pasture", "green"), "#7fbc41"),
+    (("crop", "agri", "farm", "field", "cultivated"), "#f2d15b"),
+    (("urban", "built", "building", "road", "settlement", "impervious", "city"), "#d7301f"),
+    (("bare", "soil", "sand", "desert", "rock"), "#c2a878"),
+)
+NEUTRAL_COLOUR = "#bdbdbd"  # "not water", "background", "other"
+NEGATIONS = ("not ", "non ", "non-", "no ", "not-", "no-")
+NEUTRAL_NAMES = ("background", "other", "unknown", "unclassified", "none")
 
 
-def default_colour(index: int) -> str:
+def colour_for_name(name: str, index: int) -> str:
+    """A sensible colour for a class called ``name``: blue for water, green for forest, …;
+    grey for "not water", "background" and the like; else the palette's ``index``-th colour."""
+    text = (name or "").strip().lower()
+    if text.startswith(NEGATIONS) or text in NEUTRAL_NAMES:
+        return NEUTRAL_COLOUR
+    for words, colour in NAMED_COLOURS:
+        if any(word in text for word in words):
+            return colour
     return PALETTE[index % len(PALETTE)]
 
 
@@ -39,9 +65,9 @@ def normalise_classes(classes) -> list[dict]:
     out = []
     for i, c in enumerate(sorted(classes or [], key=lambda c: int(c["value"]))):
         value = int(c["value"])
-        out.append({"value": value,
-                    "name": str(c.get("name") or f"class {value}"),
-                    "colour": str(c.get("colour") or c.get("color") or default_colour(i))})
+        name = str(c.get("name") or f"class {value}")
+        out.append({"value": value, "name": name,
+                    "colour": str(c.get("colour") or c.get("color") or colour_for_name(name, i))})
     return out
 
 
@@ -125,10 +151,10 @@ def classes_from_vector_layer(layer: QgsVectorLayer, field: str, limit: int = 25
     if values and all(_is_int(v) for v in values):
         ints = sorted({int(v) for v in values})
         names = _names_beside(layer, field, ints)
-        return [{"value": v, "name": names.get(v, str(v)), "colour": default_colour(i)}
-                for i, v in enumerate(ints)]
+        return [{"value": v, "name": names.get(v, str(v)),
+                 "colour": colour_for_name(names.get(v, ""), i)} for i, v in enumerate(ints)]
     names = sorted({str(v) for v in values})
-    return [{"value": i + 1, "name": n, "colour": default_colour(i)} for i, n in enumerate(names)]
+    return [{"value": i + 1, "name": n, "colour": colour_for_name(n, i)} for i, n in enumerate(names)]
 
 
 def _names_beside(layer: QgsVectorLayer, field: str, values: list[int]) -> dict[int, str]:

@@ -6,6 +6,7 @@ module and the protocol flags (``--events jsonl``, ``--cancel-on-stdin``).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ class TrainConfig:
     bands: list[int] = field(default_factory=list)  # 1-based; empty: all bands
     band_names: list[str] = field(default_factory=list)
     label_field: str | None = None
-    classes_file: str | None = None  # JSON file: [{"value", "name", "colour"}] (--classes)
+    classes: list[dict] | None = None  # [{"value", "name", "colour"}], passed as --classes JSON
     ignore_index: int | None = None
     backbone: str = "prithvi_eo_v2_tiny"
     weights: str = "auto"  # a path, "auto" (download/cache) or "none" (random init)
@@ -61,6 +62,7 @@ class PredictConfig:
     images: list[str]
     out: str
     probabilities: str | None = None
+    bands: list[int] = field(default_factory=list)  # 1-based; empty: the card's band numbers
     batch_size: int | None = None
     device: str = "auto"
 
@@ -76,6 +78,7 @@ class EvaluateConfig:
     prediction: str
     labels: str
     label_field: str | None = None
+    ignore_index: int | None = None
     out: str | None = None
 
 
@@ -90,8 +93,8 @@ def train_args(c: TrainConfig) -> list[str]:
     args += ["--labels", c.labels]
     if c.label_field:
         args += ["--label-field", c.label_field]
-    if c.classes_file:
-        args += ["--classes", c.classes_file]
+    if c.classes:
+        args += ["--classes", classes_json(c.classes)]
     if c.ignore_index is not None:
         args += ["--ignore-index", str(c.ignore_index)]
     args += ["--backbone", c.backbone, "--weights", c.weights or "auto",
@@ -110,10 +113,18 @@ def train_args(c: TrainConfig) -> list[str]:
     return args
 
 
+def classes_json(classes: list[dict]) -> str:
+    """The engine's --classes: [{"value": int, "name": str, "colour": "#rrggbb"}], compact."""
+    return json.dumps([{"value": int(c["value"]), "name": str(c["name"]), "colour": str(c["colour"])}
+                       for c in classes], separators=(",", ":"), ensure_ascii=False)
+
+
 def predict_args(c: PredictConfig) -> list[str]:
     args = ["predict", "--model", c.model]
     for image in c.images:
         args += ["--image", image]
+    if c.bands:
+        args += ["--bands", ",".join(str(b) for b in c.bands)]
     args += ["--out", c.out]
     if c.probabilities:
         args += ["--probabilities", c.probabilities]
@@ -131,6 +142,8 @@ def evaluate_args(c: EvaluateConfig) -> list[str]:
     args = ["evaluate", "--prediction", c.prediction, "--labels", c.labels]
     if c.label_field:
         args += ["--label-field", c.label_field]
+    if c.ignore_index is not None:
+        args += ["--ignore-index", str(c.ignore_index)]
     if c.out:
         args += ["--out", c.out]
     return args

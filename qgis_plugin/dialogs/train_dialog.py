@@ -1,9 +1,7 @@
 """The Train dialog: project layers -> TrainConfig -> engine in a QgsTask, live progress."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 
 from qgis.core import (
     Qgis,
@@ -407,15 +405,8 @@ class TrainDialog(QDialog):
     def command(self) -> list[str]:
         """The engine command for the current choices (after validation)."""
         config = self.config()
-        if self.classes:
-            config.classes_file = self._classes_file()
+        config.classes = self.classes or None
         return train_args(config)
-
-    def _classes_file(self) -> str:
-        handle, path = tempfile.mkstemp(prefix="geopeft-classes-", suffix=".json")
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(self.classes, f)
-        return path
 
     # -- running -------------------------------------------------------------------------------
     def start(self) -> EngineTask | None:
@@ -490,11 +481,6 @@ class TrainDialog(QDialog):
 
     def _on_completed(self, task: EngineTask) -> None:
         self.task = None
-        if "--classes" in task.args:
-            try:
-                os.remove(task.args[task.args.index("--classes") + 1])
-            except OSError:
-                pass
         self._set_running(False)
         if task.error is not None:
             self.progress.setValue(0)

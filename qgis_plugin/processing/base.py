@@ -1,13 +1,7 @@
 """What every GeoPEFT algorithm shares: running the engine with Processing's feedback."""
 from __future__ import annotations
 
-from qgis.core import (
-    QgsProcessing,
-    QgsProcessingAlgorithm,
-    QgsProcessingException,
-    QgsProcessingFeedback,
-    QgsProcessingParameterMapLayer,
-)
+from qgis.core import QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingFeedback
 from qgis.PyQt.QtCore import QCoreApplication
 
 from .. import settings
@@ -128,9 +122,3 @@ def layer_path(layer, feedback=None) -> str | None:
     except LayerError as exc:
         raise QgsProcessingException(str(exc)) from None
 
-
-def labels_parameter(name: str, description: str, optional: bool = False):
-    """Raster or polygon layer (QGIS naming: LABELS)."""
-    return QgsProcessingParameterMapLayer(
-        name, description, optional=optional,
-        types=[QgsProcessing.TypeRaster, QgsProcessing.TypeVectorPolygon])

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from qgis.core import (
-    QgsMapLayer,
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputFile,
@@ -14,7 +12,6 @@ from qgis.core import (
     QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
-    QgsProcessingParameterField,
     QgsProcessingParameterFile,
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterMultipleLayers,
@@ -25,15 +22,17 @@ from qgis.core import (
 from ..core.commands import (BACKBONES, DECODERS, DEVICES, TUNING_METHODS, TrainConfig,
                              parse_bands, train_args, validate_train)
 from ..core.rasterinfo import grid_problems
-from ..styling import classes_from_raster_layer, classes_from_vector_layer
-from .base import EngineAlgorithm, labels_parameter, layer_path
+from ..labels import raster_label_classes
+from ..styling import classes_from_vector_layer, normalise_classes
+from .base import EngineAlgorithm, layer_path
+from .label_params import add_label_parameters, label_choice
 
 
 class TrainAlgorithm(EngineAlgorithm):
     INPUT = "INPUT"
     BANDS = "BANDS"
-    LABELS = "LABELS"
-    LABEL_FIELD = "LABEL_FIELD"
+    BAND_NAMES = "BAND_NAMES"
+    CLASSES = "CLASSES"
     BACKBONE = "BACKBONE"
     PRETRAINED = "PRETRAINED"
     WEIGHTS = "WEIGHTS"
@@ -66,9 +65,15 @@ class TrainAlgorithm(EngineAlgorithm):
             "environment.\n\n"
             "<b>Input rasters</b>: one or more rasters on the same grid; their bands are "
             "stacked in order. <b>Bands</b>: optional comma-separated 1-based band numbers of "
-            "the stack (empty: all). <b>Labels</b>: a class raster on the same grid, or a "
-            "polygon layer with a class field; class names and colours come from the field "
-            "values or the layer's categorized style.\n\n"
+            "the stack (empty: all). <b>Band names</b>: optional names of those bands, "
+            "comma-separated (empty: the band descriptions); bands named like the model's "
+            "pretrained bands (e.g. BLUE or B02) start from its pretrained weights.\n\n"
+            "<b>Labels</b>: a class raster (LABELS), or a polygon layer (LABEL_POLYGONS) with "
+            "a class field (LABEL_FIELD); class names and colours come from the raster's "
+            "palette, the field values or the layer's categorized style, or from <b>Classes</b> "
+            "(JSON: [{\"value\": 1, \"name\": \"water\", \"colour\": \"#1f78b4\"}]). "
+            "<b>Ignore value</b>: a label value meaning \"no label\"; empty: the raster's "
+            "no-data values, including one set in QGIS (Layer Properties ▸ Transparency).\n\n"
             "<b>Output</b>: a model folder (card.json + adapter.safetensors) for the Predict "
             "and Export ONNX algorithms. Cancelling keeps the best weights validated so far; "
             "a run cancelled before its first validation leaves nothing behind.")
@@ -79,10 +84,10 @@ class TrainAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterString(
             self.BANDS, self.tr("Bands (e.g. 1,2,3,4,5,6; empty: all)"), optional=True,
             defaultValue=""))
-        self.addParameter(labels_parameter(self.LABELS, self.tr("Labels (class raster or polygons)")))
-        self.addParameter(QgsProcessingParameterField(
-            self.LABEL_FIELD, self.tr("Class field (polygon labels)"), parentLayerParameterName=self.LABELS,
-            optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.BAND_NAMES, self.tr("Band names (e.g. B02,B03,B04; empty: band descriptions)"),
+            optional=True, defaultValue=""))
+        add_label_parameters(self, self.tr("Labels"))
         self.addParameter(QgsProcessingParameterEnum(
             self.BACKBONE, self.tr("Foundation model"), options=list(BACKBONES), defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum(
@@ -100,6 +105,9 @@ class TrainAlgorithm(EngineAlgorithm):
             QgsProcessingParameterFile(
                 self.WEIGHTS, self.tr("Weights file (empty: download/cache automatically)"),
                 optional=True, fileFilter="Weights (*.pt *.pth *.safetensors *.ckpt *.bin)"),
+            QgsProcessingParameterString(
+                self.CLASSES, self.tr("Classes (JSON list of value, name, colour; empty: from "
+                                      "the labels)"), optional=True, multiLine=True),
             QgsProcessingParameterEnum(
                 self.DECODER, self.tr("Decoder"), options=list(DECODERS), defaultValue=0),
             QgsProcessingParameterString(
@@ -135,36 +143,29 @@ class TrainAlgorithm(EngineAlgorithm):
         bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
         if bands is None:
             raise QgsProcessingException(self.tr("Bands must be comma-separated band numbers, e.g. 1,2,3."))
-        labels_layer = self.parameterAsLayer(parameters, self.LABELS, context)
-        if labels_layer is None:
-            raise QgsProcessingException(self.tr("Choose the labels: a class raster or a polygon layer."))
-        field = self.parameterAsString(parameters, self.LABEL_FIELD, context) or None
-        classes_file = None
-        if labels_layer.type() == QgsMapLayer.VectorLayer:
-            if not field:
-                raise QgsProcessingException(self.tr("Polygon labels need a class field (LABEL_FIELD)."))
-            if labels_layer.fields().indexOf(field) < 0:
-                raise QgsProcessingException(self.tr("The labels have no field {}.").format(field))
-            classes = classes_from_vector_layer(labels_layer, field)
-        else:
-            field = None
-            classes = classes_from_raster_layer(labels_layer)
-        if classes:
-            feedback.pushInfo(self.tr("Classes: {}").format(
-                ", ".join(f"{c['value']}={c['name']}" for c in classes)))
-            classes_file = write_classes_file(classes)
-        pretrained = self.parameterAsBoolean(parameters, self.PRETRAINED, context)
-        weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
-        max_time = self.parameterAsString(parameters, self.MAX_TIME, context).strip() or None
-        seed = parameters.get(self.SEED)
         band_count = sum(layer.bandCount() for layer in layers)
         if any(b > band_count for b in bands):
             raise QgsProcessingException(self.tr("The input rasters have {} bands; band {} does "
                                                  "not exist.").format(band_count, max(bands)))
+        names = [n.strip() for n in self.parameterAsString(parameters, self.BAND_NAMES, context)
+                 .split(",") if n.strip()]
+        if names and len(names) != (len(bands) or band_count):
+            raise QgsProcessingException(self.tr(
+                "Band names (BAND_NAMES) gives {} names for {} bands; give one name per selected "
+                "band.").format(len(names), len(bands) or band_count))
+        labels = label_choice(self, parameters, context, feedback)
+        classes = self.classes(parameters, context, labels)
+        if classes:
+            feedback.pushInfo(self.tr("Classes: {}").format(
+                ", ".join(f"{c['value']}={c['name']}" for c in classes)))
+        pretrained = self.parameterAsBoolean(parameters, self.PRETRAINED, context)
+        weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
+        max_time = self.parameterAsString(parameters, self.MAX_TIME, context).strip() or None
+        seed = parameters.get(self.SEED)
         return TrainConfig(
-            images=images, bands=bands,
-            labels=layer_path(labels_layer, feedback), label_field=field,
-            classes_file=classes_file,
+            images=images, bands=bands, band_names=names,
+            labels=labels.path, label_field=labels.field, ignore_index=labels.ignore_index,
+            classes=classes,
             backbone=BACKBONES[self.parameterAsEnum(parameters, self.BACKBONE, context)],
             weights=weights if pretrained and weights else ("auto" if pretrained else "none"),
             tuning=TUNING_METHODS[self.parameterAsEnum(parameters, self.TUNING, context)],
@@ -179,16 +180,27 @@ class TrainAlgorithm(EngineAlgorithm):
             out=self.parameterAsString(parameters, self.OUTPUT, context),
         )
 
+    def classes(self, parameters, context, labels) -> list[dict]:
+        """CLASSES when given, else the classes of the labels layer."""
+        text = self.parameterAsString(parameters, self.CLASSES, context).strip()
+        if text:
+            try:
+                return normalise_classes(json.loads(text))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise QgsProcessingException(self.tr(
+                    "Classes (CLASSES) is not a JSON list like [{{\"value\": 1, \"name\": "
+                    "\"water\", \"colour\": \"#1f78b4\"}}]: {}").format(exc)) from None
+        if labels.is_raster:
+            return [{k: c[k] for k in ("value", "name", "colour")}
+                    for c in raster_label_classes(labels.layer, labels.ignore_index)]
+        return classes_from_vector_layer(labels.layer, labels.field)
+
     def processAlgorithm(self, parameters, context, feedback):
         config = self.config(parameters, context, feedback)
         problems = validate_train(config) + grid_problems(config.images)
         if problems:
             raise QgsProcessingException("\n".join(problems))
-        try:
-            result = self.run_engine_command(train_args(config), feedback)
-        finally:
-            if config.classes_file:
-                os.remove(config.classes_file)
+        result = self.run_engine_command(train_args(config), feedback)
         summary = result.done
         card = result.artifact("card")
         model = result.artifact("model")
@@ -204,10 +216,3 @@ class TrainAlgorithm(EngineAlgorithm):
             self.BEST_VAL_MIOU: summary.get("best_val_miou"),
             self.EPOCHS_DONE: summary.get("epochs"),
         }
-
-
-def write_classes_file(classes: list[dict]) -> str:
-    handle, path = tempfile.mkstemp(prefix="geopeft-classes-", suffix=".json")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        json.dump(classes, f)
-    return path

@@ -92,9 +92,8 @@ def test_train_dialog_builds_the_engine_command(train_dialog, project, data, tmp
     d.out.setFilePath(str(tmp_path / "model"))
     assert d.validate() == []
     args = d.command()
-    classes_file = args[args.index("--classes") + 1]
-    assert json.loads(open(classes_file).read())[0] == {"value": 1, "name": "water",
-                                                        "colour": d.classes[0]["colour"]}
+    classes = args[args.index("--classes") + 1]
+    assert json.loads(classes)[0] == {"value": 1, "name": "water", "colour": d.classes[0]["colour"]}
     args[args.index("--classes") + 1] = "CLASSES"
     assert args == [
         "train", "--image", str(data["scene"]), "--bands", "1,2,3,4",

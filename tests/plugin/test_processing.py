@@ -99,7 +99,7 @@ def test_evaluate(prediction, data, tmp_path, labels):
     if labels == "raster":
         params["LABELS"] = str(data["labels"])
     else:
-        params.update(LABELS=str(data["labels_gpkg"]), LABEL_FIELD="class_id")
+        params.update(LABEL_POLYGONS=str(data["labels_gpkg"]), LABEL_FIELD="class_id")
     result = run("evaluate", params)
     assert 0.0 <= result["MIOU"] <= 1.0 and 0.0 <= result["PIXEL_ACCURACY"] <= 1.0
     assert Path(result["OUTPUT"]).is_file()
@@ -135,7 +135,16 @@ def test_invalid_model_is_refused_with_a_message(provider, data, tmp_path):
 
 def test_polygon_labels_need_a_field(provider, data, tmp_path):
     with pytest.raises(QgsProcessingException, match="class field"):
-        run("train", tiny_train_parameters(data, tmp_path / "m", LABELS=str(data["labels_gpkg"])))
+        run("train", tiny_train_parameters(data, tmp_path / "m", LABELS=None,
+                                           LABEL_POLYGONS=str(data["labels_gpkg"])))
+
+
+def test_labels_are_one_raster_or_one_polygon_layer(provider, data, tmp_path):
+    with pytest.raises(QgsProcessingException, match="not both"):
+        run("train", tiny_train_parameters(data, tmp_path / "m", LABEL_POLYGONS=str(data["labels_gpkg"]),
+                                           LABEL_FIELD="class_id"))
+    with pytest.raises(QgsProcessingException, match="Choose the labels"):
+        run("evaluate", {"INPUT": str(data["labels"]), "OUTPUT": str(tmp_path / "m.json")})
 
 
 def test_rasters_on_different_grids_are_refused(provider, data, tmp_path):

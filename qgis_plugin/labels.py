@@ -1,0 +1,126 @@
+"""Label rasters as QGIS sees them: their no-data values (the file's and the analyst's own), the
+class values they hold, and the classes (value, name, colour) to train with.
+
+The engine honours the file's no-data by itself; what QGIS adds (Layer Properties ▸
+Transparency ▸ additional no-data value) and the analyst's "ignore value" become the engine's
+``--ignore-index``, which takes one value.
+"""
+from __future__ import annotations
+
+import math
+
+from qgis.core import QgsRasterLayer
+
+from .styling import classes_from_raster_layer, colour_for_name
+
+
+class LabelsError(Exception):
+    pass
+
+
+def file_nodata(layer: QgsRasterLayer) -> float | None:
+    provider = layer.dataProvider()
+    if provider is None or not provider.sourceHasNoDataValue(1):
+        return None
+    return provider.sourceNoDataValue(1)
+
+
+def user_nodata(layer: QgsRasterLayer) -> list[float]:
+    """The analyst's no-data values of band 1 (QgsRasterDataProvider.userNoDataValues); a range that
+    holds more than one whole number cannot be passed on, and raises ``LabelsError``."""
+    provider = layer.dataProvider()
+    values = []
+    for rng in (provider.userNoDataValues(1) if provider is not None else []):
+        low, high = rng.min(), rng.max()
+        whole = [v for v in (low, high) if math.isfinite(v)]
+        if len(whole) != 2 or math.floor(high) - math.ceil(low) > 0:
+            raise LabelsError(
+                f"Labels layer '{layer.name()}' has the no-data range {low:g} to {high:g}; GeoPEFT "
+                "can ignore single values only. Set single values in Layer Properties ▸ "
+                "Transparency (additional no-data value), or use the Ignore value.")
+        if math.ceil(low) == low:
+            values.append(low)
+    return values
+
+
+def ignore_index(layer: QgsRasterLayer | None, explicit: int | None = None) -> int | None:
+    """The one label value besides the file's no-data that means "no label": the layer's
+    user-set no-data and/or ``explicit`` (the dialog's or algorithm's ignore value)."""
+    values = set()
+    source = None
+    if layer is not None:
+        source = file_nodata(layer)
+        values |= {int(v) for v in user_nodata(layer) if v != source}
+    if explicit is not None and explicit != source:
+        values.add(int(explicit))
+    if len(values) > 1:
+        name = layer.name() if layer is not None else "labels"
+        raise LabelsError(
+            f"Labels layer '{name}': values {', '.join(str(v) for v in sorted(values))} are all "
+            "marked as no label, but GeoPEFT can ignore one value besides the file's own no-data. "
+            "Keep one of them (Ignore value, or Layer Properties ▸ Transparency).")
+    return values.pop() if values else None
+
+
+def label_values(layer: QgsRasterLayer, limit: int = 4096) -> list[int] | None:
+    """The class values present in band 1 (the file's no-data left out), from GDAL's histogram
+    (exact below 64 Mpx, else from overviews or a sample). None if unknown (not an integer
+    raster, unreadable, or more than ``limit`` distinct values possible)."""
+    from osgeo import gdal
+    try:
+        ds = gdal.Open(layer.source())
+    except RuntimeError:
+        return None
+    if ds is None:
+        return None
+    band = ds.GetRasterBand(1)
+    if gdal.GetDataTypeName(band.DataType) not in ("Byte", "Int8", "UInt16", "Int16", "UInt32",
+                                                   "Int32", "UInt64", "Int64"):
+        return None
+    approx = ds.RasterXSize * ds.RasterYSize > 64_000_000
+    try:
+        low, high = band.ComputeRasterMinMax(approx)
+    except RuntimeError:  # only no-data
+        return []
+    if low is None or high - low + 1 > limit:
+        return None
+    low, high = int(low), int(high)
+    counts = band.GetHistogram(low - 0.5, high + 0.5, high - low + 1, 0, approx)
+    return [low + i for i, count in enumerate(counts) if count > 0]
+
+
+def negative_values_warning(layer: QgsRasterLayer, values: list[int] | None,
+                            ignore: int | None) -> str | None:
+    """A warning when negative values would become classes (often a "no label" marker)."""
+    negative = [v for v in values or [] if v < 0 and v != ignore]
+    if not negative:
+        return None
+    shown = ", ".join(str(v) for v in negative[:5])
+    return (f"Labels '{layer.name()}' hold the negative value{'s' if len(negative) > 1 else ''} "
+            f"{shown}, which would become {'classes' if len(negative) > 1 else 'a class'}. If "
+            f"{'they mean' if len(negative) > 1 else 'it means'} \"no label\", set the Ignore value "
+            "(or the layer's no-data value).")
+
+
+def raster_label_classes(layer: QgsRasterLayer, ignore: int | None = None) -> list[dict]:
+    """The classes to train with: the values present (without no-data and the ignore value),
+    named and coloured by the layer's palette or category names where it has them, else by
+    ``colour_for_name``. Each class has ``"from_layer"``: True when its colour came from the layer.
+    """
+    known = {c["value"]: c for c in classes_from_raster_layer(layer)}
+    values = label_values(layer)
+    if values is None:
+        values = sorted(known)
+    skip = {ignore} | {int(v) for v in user_nodata(layer)}
+    source = file_nodata(layer)
+    if source is not None:
+        skip.add(int(source))
+    classes = []
+    for i, value in enumerate(v for v in values if v not in skip):
+        if value in known:
+            classes.append({**known[value], "from_layer": True})
+        else:
+            name = f"class {value}"
+            classes.append({"value": value, "name": name, "colour": colour_for_name(name, i),
+                            "from_layer": False})
+    return classes
