@@ -92,3 +92,46 @@ def test_binary_labels_on_a_shifted_grid_train_and_score_both_classes(scene, tmp
     result = run_engine("evaluate", "--prediction", tmp_path / "p.tif", "--labels", labels)
     assert set(result["per_class"]) == {"class 0", "class 1"}
     assert all(pc["pixels"] > 0 for pc in result["per_class"].values())
+
+
+# -- defect 4: ONNX with external data when one file would pass protobuf's 2 GB ----------------
+
+def test_export_past_the_single_file_limit_writes_a_data_file_that_travels_with_it(model, onnx_model, scene,
+                                                                                   tmp_path):
+    from engine.export import export_onnx
+    from engine.inference.predict import predict
+
+    out = tmp_path / "big" / "model.onnx"
+    stream = io.StringIO()
+    summary = export_onnx(model, out, Reporter("jsonl", stream), single_file_max_bytes=1024)
+    data = out.with_name("model.onnx.data")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    artifact = [e for e in _events(stream) if e["event"] == "artifact"][0]
+    assert artifact["path"] == str(out) and artifact["data_file"] == str(data)
+    assert summary["data_file"] == str(data) and summary["max_abs_diff"] <= 1e-4
+    assert data.stat().st_size > 10 * out.stat().st_size  # the weights are in the data file
+    proto = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}  # the final name, not a temporary one
+    # the pair moved elsewhere still predicts, like the single-file export
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for p in (out, data):
+        shutil.move(p, moved / p.name)
+    predict(moved / "model.onnx", [scene.image], tmp_path / "a.tif")
+    predict(onnx_model, [scene.image], tmp_path / "b.tif")
+    with rasterio.open(tmp_path / "a.tif") as a, rasterio.open(tmp_path / "b.tif") as b:
+        assert np.array_equal(a.read(), b.read())
+    assert not onnx_model.with_name("model.onnx.data").exists()  # small models stay one file
+
+
+def test_failed_export_leaves_neither_file(model, tmp_path, monkeypatch):
+    import engine.export
+    from engine.export import export_onnx
+
+    monkeypatch.setattr(engine.export, "PARITY_TOLERANCE", -1.0)  # every parity check fails
+    out = tmp_path / "out" / "model.onnx"
+    with pytest.raises(EngineError, match="differs from PyTorch"):
+        export_onnx(model, out, single_file_max_bytes=1024)
+    assert list(out.parent.iterdir()) == []

@@ -1,25 +1,38 @@
-"""``export``: merge the adapters into the backbone and write one ONNX file that predicts with
-onnxruntime alone; the model card travels in the ONNX metadata."""
+"""``export``: merge the adapters into the backbone and write an ONNX model that predicts with
+onnxruntime alone; the model card travels in the ONNX metadata.
+
+A model too large for one protobuf (2 GB; Prithvi-EO-2.0-600M is about 2.5 GB) keeps its
+weights in ``<name>.onnx.data`` beside the ``.onnx`` file: the two travel together. Both are
+written, checked and run in a staging folder beside the output and renamed only on success."""
 from __future__ import annotations
 
 import copy
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from engine.card import read_card
-from engine.data.rasters import atomic_output
 from engine.inference.runners import ONNX_CARD_KEY, load_trained_model
 from engine.protocol import EngineError, Reporter
 
 PARITY_TOLERANCE = 1e-4
 OPSET = 17  # IR 8 with the TorchScript exporter: loads in older onnxruntime builds too
+# Tensor bytes above which the weights go to an external data file: protobuf's 2 GiB limit,
+# less room for the graph and the metadata.
+SINGLE_FILE_MAX_BYTES = 2**31 - 2**26
+
+
+def tensor_bytes(proto) -> int:
+    """Bytes of the initializers and constant tensors (ModelProto.ByteSize fails past 2 GB)."""
+    constants = [a.t for node in proto.graph.node for a in node.attribute if a.HasField("t")]
+    return sum(t.ByteSize() for t in [*proto.graph.initializer, *constants])
 
 
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
-                seed: int = 0) -> dict:
+                seed: int = 0, single_file_max_bytes: int = SINGLE_FILE_MAX_BYTES) -> dict:
     reporter = reporter or Reporter("quiet")
     import onnx
     import onnxruntime as ort
@@ -43,29 +56,50 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
     export_card = dict(card, export={"merged": True, "opset": OPSET, "input": "input",
                                      "output": "probabilities", "layout": "NCHW float32, normalised"})
     reporter.progress("export", 2, 4, "exporting to ONNX")
-    with atomic_output(out) as tmp:
-        torch.onnx.export(merged, (x[:1],), str(tmp), dynamo=False, opset_version=OPSET,
+    out = Path(out)
+    data_file = out.with_name(out.name + ".data")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The staging folder holds the files under their final names, so the data file's location
+    # recorded inside the model is right after the rename; it is removed whatever happens.
+    with tempfile.TemporaryDirectory(prefix=f".{out.stem}.", suffix=".partial", dir=out.parent) as staging:
+        staged, staged_data = Path(staging) / out.name, Path(staging) / data_file.name
+        raw = Path(staging) / "torch_export.onnx"  # beside it any external files torch writes
+        torch.onnx.export(merged, (x[:1],), str(raw), dynamo=False, opset_version=OPSET,
                           input_names=["input"], output_names=["probabilities"],
                           dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}})
-        proto = onnx.load(str(tmp))
+        proto = onnx.load(str(raw))
         meta = {ONNX_CARD_KEY: json.dumps(export_card), "model_type": "Segmentor",
                 "class_names": json.dumps({str(i): c["name"] for i, c in enumerate(card["classes"])})}
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         proto.doc_string = f"GeoPEFT {card['backbone']['name']} + {card['decoder']} ({card['tuning']['method']})"
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
+        external = tensor_bytes(proto) > single_file_max_bytes
+        onnx.save_model(proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=data_file.name)
+        del proto
+        onnx.checker.check_model(str(staged))  # by path: works past 2 GB too
         reporter.progress("export", 3, 4, "checking parity with PyTorch")
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
         onnx_out = session.run(None, {"input": x.numpy()})[0]
+        del session
         diff = float(np.abs(reference - onnx_out).max())
         if diff > PARITY_TOLERANCE:
             raise EngineError(f"ONNX output differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g}); "
                               "nothing written", hint="please report this model configuration")
+        if external:
+            os.replace(staged_data, data_file)
+        elif data_file.exists():  # an earlier, larger export's data: it belongs to the replaced model
+            data_file.unlink()
+        os.replace(staged, out)
+    size = out.stat().st_size + (data_file.stat().st_size if external else 0)
     reporter.progress("export", 4, 4, f"parity OK: max abs diff {diff:.2e}")
     reporter.info(f"ONNX parity with PyTorch on random input (batch 3): max abs diff {diff:.2e} "
                   f"(merge alone: {merge_diff:.2e}; tolerance {PARITY_TOLERANCE:g})")
-    reporter.artifact("onnx", str(out))
-    return {"out": str(out), "max_abs_diff": diff, "merge_max_abs_diff": merge_diff,
-            "size_bytes": Path(out).stat().st_size, "opset": OPSET}
+    if external:
+        reporter.info(f"the weights are in {data_file.name}: keep it beside {out.name} (move and copy them together)")
+        reporter.artifact("onnx", str(out), data_file=str(data_file))
+    else:
+        reporter.artifact("onnx", str(out))
+    return {"out": str(out), "data_file": str(data_file) if external else None, "max_abs_diff": diff,
+            "merge_max_abs_diff": merge_diff, "size_bytes": size, "opset": OPSET}

@@ -35,7 +35,9 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
-            raise EngineError(f"cannot load ONNX model {path}: {exc}") from None
+            raise EngineError(f"cannot load ONNX model {path}: {exc}",
+                              hint=f"a model exported with its weights in {path.name}.data needs that file "
+                                   "beside it; else export the model again") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if ONNX_CARD_KEY not in meta:
             raise EngineError(f"{path.name} has no GeoPEFT model card in its metadata",
