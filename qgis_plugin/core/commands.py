@@ -184,6 +184,19 @@ def model_path_problem(path: str) -> str | None:
     return None
 
 
+def read_card(path: str) -> dict | None:
+    """The card.json of a model folder (or the file itself); None for ONNX or unreadable."""
+    card = os.path.join(path, "card.json") if os.path.isdir(path) else path
+    if not (card.endswith("card.json") and os.path.isfile(card)):
+        return None
+    try:
+        with open(card, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def validate_train(c: TrainConfig) -> list[str]:
     """Problems with a training configuration that the user can fix before starting."""
     problems = []

@@ -15,8 +15,9 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
-from qgis.PyQt.QtCore import QSize
+from qgis.PyQt.QtCore import QSize, Qt, QUrl
 from qgis.PyQt.QtWidgets import (
+    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDialog,
@@ -24,24 +25,34 @@ from qgis.PyQt.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QProgressBar,
     QPushButton,
     QSizePolicy,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from .. import settings
-from ..core.commands import DEVICES, PredictConfig, predict_args, validate_predict
-from ..core.rasterinfo import grid_problems
+from ..core.bands import ModelsInfo, cached_models_info
+from ..core.commands import DEVICES, PredictConfig, predict_args, read_card, validate_predict
+from ..core.rasterinfo import band_descriptions, grid_problems
 from ..icons import icon
 from ..processing.base import ProgressMapper
 from ..processing.polygons import polygonize
 from ..styling import (classes_from_raster_file, normalise_classes, style_polygons,
                        style_prediction, write_default_style)
+from .defaults import default_layers, results_folder
+from .engine_info import request_models_info
+from .messages import MessagePanel, show_error, show_problems
 from .task import EngineTask, log
-from .train_dialog import DEVICE_LABELS, project_layers, show_error
+from .train_dialog import DEVICE_LABELS
+
+
+BAND_NUMBER = Qt.ItemDataRole.UserRole
 
 
 class PredictDialog(QDialog):
@@ -50,19 +61,21 @@ class PredictDialog(QDialog):
         self.iface = iface
         self.task: EngineTask | None = None
         self.added_layers: list = []
+        self.card: dict | None = None
         self.setWindowTitle("GeoPEFT — Predict classes")
         self.setWindowIcon(icon("predict.svg"))
         self._build()
+        self._models_task = request_models_info(lambda info, error: self._update_bands())
 
     def _build(self) -> None:
         self.bar = QgsMessageBar(self)
-        self.bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.bar.setSizePolicy(QSizePolicy.Policy.Minimum, QSizePolicy.Policy.Fixed)
 
         inputs = QGroupBox("Input")
         form = QFormLayout(inputs)
         self.raster = QgsMapLayerComboBox()
-        self.raster.setFilters(QgsMapLayerProxyModel.RasterLayer)
-        self.raster.layerChanged.connect(self._suggest_output)
+        self.raster.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.raster.layerChanged.connect(self._raster_changed)
         form.addRow("Raster", self.raster)
         model_row = QWidget()
         row = QHBoxLayout(model_row)
@@ -81,22 +94,35 @@ class PredictDialog(QDialog):
         self.model_info.setWordWrap(True)
         form.addRow("", self.model_info)
 
+        self.band_group = QGroupBox("Bands")
+        bands = QVBoxLayout(self.band_group)
+        self.band_info = QLabel("Choose a model: its card says which bands it needs.")
+        self.band_info.setWordWrap(True)
+        self.band_choice = QTableWidget(0, 2)
+        self.band_choice.setHorizontalHeaderLabels(["Model band", "Band of the raster"])
+        self.band_choice.verticalHeader().setVisible(False)
+        self.band_choice.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.band_choice.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        self.band_choice.setMaximumHeight(170)
+        bands.addWidget(self.band_info)
+        bands.addWidget(self.band_choice)
+
         outputs = QGroupBox("Outputs")
         oform = QFormLayout(outputs)
         self.out = QgsFileWidget()
-        self.out.setStorageMode(QgsFileWidget.SaveFile)
+        self.out.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.out.setFilter("GeoTIFF (*.tif)")
         oform.addRow("Classes raster", self.out)
         self.want_probabilities = QCheckBox("Class probabilities")
         self.probabilities = QgsFileWidget()
-        self.probabilities.setStorageMode(QgsFileWidget.SaveFile)
+        self.probabilities.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.probabilities.setFilter("GeoTIFF (*.tif)")
         self.probabilities.setEnabled(False)
         self.want_probabilities.toggled.connect(self.probabilities.setEnabled)
         oform.addRow(self.want_probabilities, self.probabilities)
         self.want_polygons = QCheckBox("Class polygons")
         self.polygons = QgsFileWidget()
-        self.polygons.setStorageMode(QgsFileWidget.SaveFile)
+        self.polygons.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.polygons.setFilter("GeoPackage (*.gpkg)")
         self.polygons.setEnabled(False)
         self.want_polygons.toggled.connect(self.polygons.setEnabled)
@@ -109,14 +135,19 @@ class PredictDialog(QDialog):
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.status = QLabel("Ready.")
+        self.status.setWordWrap(True)
+        self.status.setOpenExternalLinks(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
+        self.messages = MessagePanel(self.iface, self)
         self.buttons = QDialogButtonBox()
         self.run_button = QPushButton(icon("predict.svg"), "Predict")
         self.run_button.setDefault(True)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        self.buttons.addButton(self.run_button, QDialogButtonBox.ActionRole)
-        self.buttons.addButton(self.cancel_button, QDialogButtonBox.ActionRole)
-        self.buttons.addButton(QDialogButtonBox.Close)
+        self.buttons.addButton(self.run_button, QDialogButtonBox.ButtonRole.ActionRole)
+        self.buttons.addButton(self.cancel_button, QDialogButtonBox.ButtonRole.ActionRole)
+        self.buttons.addButton(self.messages.log_button, QDialogButtonBox.ButtonRole.HelpRole)
+        self.buttons.addButton(QDialogButtonBox.StandardButton.Close)
         self.run_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         self.buttons.rejected.connect(self.reject)
@@ -124,17 +155,17 @@ class PredictDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.addWidget(self.bar)
         layout.addWidget(inputs)
+        layout.addWidget(self.band_group)
         layout.addWidget(outputs)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        layout.addWidget(self.messages)
         layout.addWidget(self.buttons)
-        self.resize(QSize(620, 440))
-        # default: the topmost multi-band raster (an image rather than a class raster)
-        images = [layer for layer in project_layers()
-                  if isinstance(layer, QgsRasterLayer) and layer.bandCount() > 1]
-        if images:
-            self.raster.setLayer(images[0])
-        self._suggest_output(self.raster.currentLayer())
+        self.resize(QSize(660, 620))
+        image, _labels = default_layers()  # the topmost multi-band raster: an image, not labels
+        if image is not None:
+            self.raster.setLayer(image)
+        self._raster_changed(self.raster.currentLayer())
 
     # -- choices -------------------------------------------------------------------------------
     def _choose_model_folder(self) -> None:
@@ -144,25 +175,87 @@ class PredictDialog(QDialog):
             self.model.setFilePath(folder)
 
     def _model_changed(self, path: str) -> None:
+        self.card = read_card(path)
         self.model_info.setText(describe_model(path))
+        self._update_bands()
+
+    def _raster_changed(self, layer) -> None:
+        self._suggest_output(layer)
+        self._update_bands()
 
     def _suggest_output(self, layer) -> None:
         if layer is None or self.out.filePath():
             return
-        base = os.path.splitext(layer.source().split("|")[0])[0]
-        if os.path.isdir(os.path.dirname(base)):
-            self.out.setFilePath(base + "_classes.tif")
-            self.probabilities.setFilePath(base + "_probabilities.tif")
-            self.polygons.setFilePath(base + "_classes.gpkg")
+        folder = results_folder(layer.source())
+        stem = os.path.splitext(os.path.basename(layer.source().split("|")[0]))[0]
+        base = os.path.join(folder, stem)
+        self.out.setFilePath(base + "_classes.tif")
+        self.probabilities.setFilePath(base + "_probabilities.tif")
+        self.polygons.setFilePath(base + "_classes.gpkg")
 
+    # -- bands: from the model card, matched by name --------------------------------------------
+    def model_bands(self) -> list[str]:
+        """The names of the bands the model was trained on ('' where unnamed)."""
+        if not self.card:
+            return []
+        inp = self.card.get("input", {})
+        numbers = inp.get("bands") or []
+        names = list(inp.get("band_names") or [])
+        return names + [""] * (len(numbers) - len(names))
+
+    def _update_bands(self) -> None:
+        layer = self.raster.currentLayer()
+        wanted = self.model_bands()
+        self.band_group.setVisible(bool(self.card))
+        self.band_choice.setRowCount(0)
+        if not wanted or layer is None:
+            return
+        names = band_descriptions(layer.source()) or [""] * layer.bandCount()
+        info = cached_models_info(settings.engine_python()) or ModelsInfo()
+        found = info.find_bands(wanted, names)
+        trained_numbers = self.card.get("input", {}).get("bands") or []
+        self.band_choice.setRowCount(len(wanted))
+        for row, (name, number) in enumerate(zip(wanted, found)):
+            fallback = trained_numbers[row] if row < len(trained_numbers) else None
+            item = QTableWidgetItem(name or f"band {row + 1}")
+            item.setFlags(Qt.ItemFlag.ItemIsEnabled)
+            self.band_choice.setItem(row, 0, item)
+            combo = QComboBox()
+            combo.addItem("— choose —", None)
+            for b, description in enumerate(names, start=1):
+                combo.addItem(f"{b}: {description or 'Band ' + str(b)}", b)
+            choice = number or (fallback if fallback and fallback <= len(names) else None)
+            combo.setCurrentIndex(max(combo.findData(choice), 0))
+            self.band_choice.setCellWidget(row, 1, combo)
+        missing = [n or f"band {i + 1}" for i, (n, f) in enumerate(zip(wanted, found)) if f is None]
+        if not missing:
+            self.band_info.setText(f"All {len(wanted)} bands of the model found by name in "
+                                   f"'{layer.name()}'.")
+        else:
+            self.band_info.setText(
+                f"Not found by name in '{layer.name()}': {', '.join(missing)}. Check the band "
+                "chosen for each below (preselected: the band numbers used in training).")
+
+    def chosen_bands(self) -> list[int | None]:
+        return [self.band_choice.cellWidget(r, 1).currentData()
+                for r in range(self.band_choice.rowCount())]
+
+    def set_band(self, model_band: int, raster_band: int) -> None:
+        """Choose ``raster_band`` for the model's ``model_band``-th band (1-based)."""
+        combo = self.band_choice.cellWidget(model_band - 1, 1)
+        combo.setCurrentIndex(combo.findData(raster_band))
+
+    # -- config, validation, command -----------------------------------------------------------
     def config(self) -> PredictConfig:
         layer = self.raster.currentLayer()
+        chosen = self.chosen_bands()
         return PredictConfig(
             model=self.model.filePath().strip(),
             images=[layer.source()] if layer is not None else [],
             out=self.out.filePath().strip(),
             probabilities=(self.probabilities.filePath().strip() or None)
             if self.want_probabilities.isChecked() else None,
+            bands=chosen if chosen and None not in chosen else [],
             device=self.device.currentData(),
         )
 
@@ -172,20 +265,25 @@ class PredictDialog(QDialog):
     def validate(self) -> list[str]:
         config = self.config()
         problems = validate_predict(config)
+        layer = self.raster.currentLayer()
+        unset = [self.band_choice.item(r, 0).text() for r, b in enumerate(self.chosen_bands())
+                 if b is None]
+        if unset and layer is not None:
+            problems.append(f"Under Bands, choose the band of '{layer.name()}' that holds "
+                            f"{', '.join(unset)} (the model needs {self.band_choice.rowCount()} "
+                            f"bands; the raster has {layer.bandCount()}).")
         if self.want_probabilities.isChecked() and not config.probabilities:
-            problems.append("Choose where to write the probabilities, or untick them.")
+            problems.append("Choose where to write the Class probabilities, or untick them.")
         polygons = self.polygons_path()
         if self.want_polygons.isChecked() and not polygons:
-            problems.append("Choose where to write the polygons, or untick them.")
+            problems.append("Choose where to write the Class polygons, or untick them.")
         if polygons and not polygons.lower().endswith((".gpkg", ".shp", ".geojson", ".fgb")):
-            problems.append("Polygons must be written to a GeoPackage (.gpkg), Shapefile, "
+            problems.append("Class polygons must be written to a GeoPackage (.gpkg), Shapefile, "
                             "GeoJSON or FlatGeobuf file.")
-        if config.images and self.raster.currentLayer() is not None:
+        if config.images and layer is not None:
             problems += grid_problems(config.images)
         problems = list(dict.fromkeys(problems))
-        self.bar.clearWidgets()
-        if problems:
-            self.bar.pushMessage("Cannot predict", " ".join(problems), Qgis.Warning, 0)
+        show_problems(self.bar, self.messages, "Cannot predict", problems)
         return problems
 
     def command(self) -> list[str]:
@@ -198,6 +296,10 @@ class PredictDialog(QDialog):
         config = self.config()
         polygons = self.polygons_path()
         args = predict_args(config)
+        self.messages.clear()
+        self.bar.clearWidgets()
+        self.progress.setValue(0)
+        self.messages.start_log("<engine python> -m engine " + " ".join(args))
         log("Predict: <engine python> -m engine " + " ".join(args))
 
         def after(result, task):  # worker thread: polygonise with QGIS's own algorithms
@@ -220,7 +322,7 @@ class PredictDialog(QDialog):
                                progress=mapper.percent, after=after)
         self._mapper = mapper
         self.task.engineEvent.connect(self._on_event)
-        self.task.logLine.connect(lambda line: log(line))
+        self.task.logLine.connect(self.messages.add_log)
         self.task.ended.connect(self._on_completed)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -241,7 +343,10 @@ class PredictDialog(QDialog):
             if event.get("total"):
                 self.status.setText(f"Predicting: tile {event['step']}/{event['total']}")
         elif event["event"] == "warning":
-            self.bar.pushMessage("Engine", event.get("message", ""), Qgis.Warning, 8)
+            message = event.get("message", "")
+            self.bar.pushMessage("Engine", message.split("\n")[0], message,
+                                 Qgis.MessageLevel.Warning, 8)
+            self.messages.show_text(message)
 
     def _on_completed(self, task: EngineTask) -> None:
         self.task = None
@@ -250,7 +355,7 @@ class PredictDialog(QDialog):
         if task.error is not None:
             self.progress.setValue(0)
             self.status.setText("Prediction failed.")
-            show_error(self.iface, self.bar, task.error)
+            show_error(self.iface, self.bar, self.messages, task.error)
             return
         if task.cancelled or not task.after_result:
             self.progress.setValue(0)
@@ -258,9 +363,17 @@ class PredictDialog(QDialog):
             return
         self.progress.setValue(100)
         self.added_layers = add_results(task.after_result)
-        text = f"Classes written to {task.after_result['out']}"
+        text = "Classes written to " + file_link(task.after_result["out"])
         self.status.setText(text)
-        self.bar.pushMessage("GeoPEFT", text, Qgis.Success, 10)
+        self.bar.pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 10)
+        if self.iface is not None:
+            self.iface.messageBar().pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 0)
+
+
+def file_link(path: str) -> str:
+    """An HTML link that opens ``path``'s folder (message bars and labels open it)."""
+    folder = QUrl.fromLocalFile(os.path.dirname(os.path.abspath(path))).toString()
+    return f'<a href="{folder}">{path}</a>'
 
 
 def add_results(results: dict) -> list:
@@ -284,14 +397,13 @@ def add_results(results: dict) -> list:
 
 def describe_model(path: str) -> str:
     """One line about a model: backbone, tuning, classes and bands from its card."""
-    card = os.path.join(path, "card.json") if os.path.isdir(path) else path
     if path.lower().endswith(".onnx") and os.path.isfile(path):
-        return "ONNX model (runs with onnxruntime)."
-    if not (card.endswith("card.json") and os.path.isfile(card)):
-        return ""
+        return "ONNX model (runs with onnxruntime; bands by number, as in training)."
+    info = read_card(path)
+    if info is None:
+        card = os.path.join(path, "card.json") if os.path.isdir(path) else path
+        return "card.json could not be read." if card.endswith("card.json") and os.path.isfile(card) else ""
     try:
-        with open(card, encoding="utf-8") as f:
-            info = json.load(f)
         backbone = info.get("backbone", {})
         tuning = info.get("tuning", {})
         classes = normalise_classes(info.get("classes"))
@@ -302,5 +414,5 @@ def describe_model(path: str) -> str:
         if bands:
             parts.append("bands: " + ", ".join(str(b) for b in bands))
         return " · ".join(p for p in parts if p)
-    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+    except (ValueError, AttributeError, TypeError, KeyError):
         return "card.json could not be read."

@@ -3,21 +3,12 @@ from __future__ import annotations
 
 import os
 
-from qgis.core import (
-    Qgis,
-    QgsApplication,
-    QgsCategorizedSymbolRenderer,
-    QgsMapLayerProxyModel,
-    QgsProject,
-    QgsRasterLayer,
-    QgsVectorLayer,
-    QgsWkbTypes,
-)
+from qgis.core import Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsVectorLayer
 from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
 from qgis.PyQt.QtCore import QSize, Qt
-from qgis.PyQt.QtGui import QColor, QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -42,9 +33,15 @@ from ..core.commands import (BACKBONES, DECODERS, DEVICES, TUNING_METHODS,
                              TrainConfig, train_args, validate_train)
 from ..core.rasterinfo import band_descriptions, grid_problems
 from ..icons import icon
+from ..labels import LabelsError, ignore_index, label_values, negative_values_warning, raster_label_classes
 from ..layers import LayerError, layer_path
 from ..processing.base import ProgressMapper
-from ..styling import classes_from_raster_layer, classes_from_vector_layer
+from ..styling import classes_from_vector_layer
+from .band_table import Band, BandTable
+from .class_table import ClassTable
+from .defaults import default_layers, new_model_folder, preferred_class_field, project_layers
+from .engine_info import request_models_info
+from .messages import MessagePanel, show_error, show_problems
 from .task import EngineTask, log
 
 TUNING_LABELS = {"lora": "LoRA (recommended)", "dora": "DoRA", "full": "Full fine-tuning",
@@ -53,37 +50,8 @@ WEIGHTS_CHOICES = (("auto", "Pretrained (downloaded automatically)"),
                    ("none", "Random initialisation (no pretraining)"),
                    ("file", "From file…"))
 DEVICE_LABELS = {"auto": "Automatic (GPU if available)", "cpu": "CPU", "gpu": "GPU"}
-
-
-def swatch(colour: str) -> QIcon:
-    pixmap = QPixmap(14, 14)
-    pixmap.fill(QColor(colour))
-    return QIcon(pixmap)
-
-
-def project_layers() -> list:
-    """The project's layers in the Layers panel's order (top first), then any not in the tree."""
-    project = QgsProject.instance()
-    ordered = [node.layer() for node in project.layerTreeRoot().findLayers() if node.layer()]
-    seen = {layer.id() for layer in ordered}
-    return ordered + [layer for layer in project.mapLayers().values() if layer.id() not in seen]
-
-
-def preferred_class_field(layer: QgsVectorLayer) -> str | None:
-    """The categorized renderer's field, else a field named like a class, else None."""
-    names = [f.name() for f in layer.fields()]
-    renderer = layer.renderer()
-    if isinstance(renderer, QgsCategorizedSymbolRenderer) and renderer.classAttribute() in names:
-        return renderer.classAttribute()
-    for candidate in ("class_id", "classid", "class", "label", "class_name", "classname"):
-        for name in names:
-            if name.lower() == candidate:
-                return name
-    return None
-
-
-def is_polygon_layer(layer) -> bool:
-    return isinstance(layer, QgsVectorLayer) and layer.geometryType() == QgsWkbTypes.PolygonGeometry
+LAYER_ID = Qt.ItemDataRole.UserRole
+INT_RANGE = (-2_147_483_648, 2_147_483_647)
 
 
 class TrainDialog(QDialog):
@@ -91,54 +59,75 @@ class TrainDialog(QDialog):
         super().__init__(parent)
         self.iface = iface
         self.task: EngineTask | None = None
-        self.classes: list[dict] = []
+        self._field_layer_id = None
+        self._auto_out = ""
         self.setWindowTitle("GeoPEFT — Train segmentation model")
         self.setWindowIcon(icon("train.svg"))
         self._build()
         self.populate()
+        self._models_task = request_models_info(self._models_info_arrived)
         QgsProject.instance().layersAdded.connect(self.populate)
         QgsProject.instance().layersRemoved.connect(self.populate)
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
         self.bar = QgsMessageBar(self)
-        self.bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.bar.setSizePolicy(QSizePolicy.Policy.Minimum, QSizePolicy.Policy.Fixed)
 
         data = QGroupBox("Data")
         form = QFormLayout(data)
         self.rasters = QListWidget()
-        self.rasters.setSelectionMode(QAbstractItemView.NoSelection)
-        self.rasters.setMaximumHeight(90)
+        self.rasters.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        self.rasters.setMaximumHeight(80)
         self.rasters.setToolTip("Rasters on the same grid; their bands are stacked in this order.")
         self.rasters.itemChanged.connect(self._rasters_changed)
         form.addRow("Input rasters", self.rasters)
-        self.bands = QListWidget()
-        self.bands.setSelectionMode(QAbstractItemView.NoSelection)
-        self.bands.setMaximumHeight(110)
-        self.bands.setToolTip("Bands fed to the model, by name (band description).")
-        form.addRow("Bands", self.bands)
+        self.band_table = BandTable()
+        form.addRow("Bands", self.band_table)
         self.labels = QgsMapLayerComboBox()
-        self.labels.setFilters(QgsMapLayerProxyModel.RasterLayer | QgsMapLayerProxyModel.PolygonLayer)
+        self.labels.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer
+                               | QgsMapLayerProxyModel.Filter.PolygonLayer)
         self.labels.setAllowEmptyLayer(True)
-        self.labels.setToolTip("A class raster on the same grid, or polygons with a class field.")
+        self.labels.setToolTip("A class raster (one integer band), or polygons with a class field.")
         self.labels.layerChanged.connect(self._labels_changed)
         form.addRow("Labels", self.labels)
         self.label_field = QgsFieldComboBox()
-        self.label_field.fieldChanged.connect(self._update_classes)
+        self.label_field.fieldChanged.connect(lambda *_: self._update_classes())
         form.addRow("Class field", self.label_field)
-        self.class_list = QListWidget()
-        self.class_list.setMaximumHeight(70)
-        self.class_list.setFlow(QListWidget.LeftToRight)
-        self.class_list.setWrapping(True)
-        self.class_list.setSelectionMode(QAbstractItemView.NoSelection)
-        self.class_list.setToolTip("Class names and colours, from the field values or the "
-                                   "layer's categorized/paletted style.")
-        form.addRow("Classes", self.class_list)
+        ignore_row = QWidget()
+        row = QHBoxLayout(ignore_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.use_ignore = QCheckBox("Label value meaning \"no label\":")
+        self.ignore_value = QSpinBox()
+        self.ignore_value.setRange(*INT_RANGE)
+        self.ignore_value.setValue(-1)
+        self.ignore_value.setEnabled(False)
+        self.use_ignore.toggled.connect(self.ignore_value.setEnabled)
+        self.use_ignore.toggled.connect(lambda *_: self._update_classes(keep=True))
+        self.ignore_value.valueChanged.connect(lambda *_: self._update_classes(keep=True))
+        tip = ("Pixels with this label value are not trained on (besides the raster's no-data, "
+               "including one set in Layer Properties ▸ Transparency).")
+        self.use_ignore.setToolTip(tip)
+        self.ignore_value.setToolTip(tip)
+        row.addWidget(self.use_ignore)
+        row.addWidget(self.ignore_value)
+        row.addStretch(1)
+        form.addRow("Ignore value", ignore_row)
+        self.class_table = ClassTable()
+        self.class_table.setToolTip("Name and colour each class (double-click a name to edit it). "
+                                    "They label the model's predictions.")
+        form.addRow("Classes", self.class_table)
+        self.labels_note = QLabel("")
+        self.labels_note.setWordWrap(True)
+        self.labels_note.setStyleSheet("color: #9a6700;")
+        self.labels_note.setVisible(False)
+        form.addRow("", self.labels_note)
 
         model = QGroupBox("Model")
         mform = QFormLayout(model)
         self.backbone = QComboBox()
         self.backbone.addItems(BACKBONES)
+        self.backbone.currentTextChanged.connect(lambda name: self.band_table.set_model(name))
         mform.addRow("Foundation model", self.backbone)
         self.weights = QComboBox()
         for key, text in WEIGHTS_CHOICES:
@@ -153,6 +142,7 @@ class TrainDialog(QDialog):
         self.tuning = QComboBox()
         for method in TUNING_METHODS:
             self.tuning.addItem(TUNING_LABELS.get(method, method), method)
+        self.tuning.currentIndexChanged.connect(lambda *_: self._suggest_output())
         mform.addRow("Tuning method", self.tuning)
         self.decoder = QComboBox()
         self.decoder.addItems(DECODERS)
@@ -193,25 +183,30 @@ class TrainDialog(QDialog):
             self.device.addItem(DEVICE_LABELS[device], device)
         tform.addRow("Device", self.device)
         self.out = QgsFileWidget()
-        self.out.setStorageMode(QgsFileWidget.GetDirectory)
+        self.out.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.out.setDialogTitle("Folder for the trained model")
+        self.out.setToolTip("A new or empty folder; by default in 'models' beside the project "
+                            "(or in GeoPEFT/models in your home folder).")
         tform.addRow("Output folder", self.out)
 
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
         self.status = QLabel("Ready.")
-        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.metrics = QLabel("")
+        self.messages = MessagePanel(self.iface, self)
 
         self.buttons = QDialogButtonBox()
         self.train_button = QPushButton(icon("train.svg"), "Train")
         self.train_button.setDefault(True)
         self.cancel_button = QPushButton("Cancel training")
         self.cancel_button.setEnabled(False)
-        self.buttons.addButton(self.train_button, QDialogButtonBox.ActionRole)
-        self.buttons.addButton(self.cancel_button, QDialogButtonBox.ActionRole)
-        self.buttons.addButton(QDialogButtonBox.Close)
+        self.buttons.addButton(self.train_button, QDialogButtonBox.ButtonRole.ActionRole)
+        self.buttons.addButton(self.cancel_button, QDialogButtonBox.ButtonRole.ActionRole)
+        self.buttons.addButton(self.messages.log_button, QDialogButtonBox.ButtonRole.HelpRole)
+        self.buttons.addButton(QDialogButtonBox.StandardButton.Close)
         self.train_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         self.buttons.rejected.connect(self.reject)
@@ -223,52 +218,45 @@ class TrainDialog(QDialog):
         right.addWidget(model)
         right.addWidget(training)
         right.addStretch(1)
-        columns.addLayout(left, 1)
-        columns.addLayout(right, 1)
+        columns.addLayout(left, 3)
+        columns.addLayout(right, 2)
         layout = QVBoxLayout(self)
         layout.addWidget(self.bar)
         layout.addLayout(columns)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.metrics)
+        layout.addWidget(self.messages)
         layout.addWidget(self.buttons)
-        self.resize(QSize(860, 560))
+        self.resize(QSize(1000, 720))
 
     # -- populating from the project ---------------------------------------------------------
     def populate(self, *_args) -> None:
+        first = self.rasters.count() == 0 and not self.checked_raster_ids()
         checked = set(self.checked_raster_ids())
         self.rasters.blockSignals(True)
         self.rasters.clear()
         for layer in project_layers():
             if isinstance(layer, QgsRasterLayer) and layer.isValid():
                 item = QListWidgetItem(layer.name())
-                item.setData(Qt.UserRole, layer.id())
-                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                item.setCheckState(Qt.Checked if layer.id() in checked else Qt.Unchecked)
+                item.setData(LAYER_ID, layer.id())
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setCheckState(Qt.CheckState.Checked if layer.id() in checked
+                                   else Qt.CheckState.Unchecked)
                 item.setToolTip(f"{layer.source()}\n{layer.width()} × {layer.height()} px, "
                                 f"{layer.bandCount()} bands, {layer.crs().authid()}")
                 self.rasters.addItem(item)
-        if not checked and self.rasters.count():  # a sensible default: the first raster
-            self.rasters.item(0).setCheckState(Qt.Checked)
         self.rasters.blockSignals(False)
-        self._rasters_changed()
-        current = self.labels.currentLayer()
-        if current is None or current.id() in self.checked_raster_ids():
-            self._default_labels()
+        if first:  # by kind: a multi-band image, labels that look like labels, never one layer twice
+            image, labels = default_layers()
+            self.labels.setLayer(labels)
+            self.set_checked_rasters([image] if image is not None else [])
         self._labels_changed(self.labels.currentLayer())
-
-    def _default_labels(self) -> None:
-        """Prefer a polygon layer or a single-band raster that is not an input."""
-        inputs = set(self.checked_raster_ids())
-        for layer in project_layers():
-            if is_polygon_layer(layer) or (isinstance(layer, QgsRasterLayer)
-                                           and layer.bandCount() == 1 and layer.id() not in inputs):
-                self.labels.setLayer(layer)
-                return
+        self._rasters_changed()
 
     def checked_raster_ids(self) -> list[str]:
-        return [self.rasters.item(i).data(Qt.UserRole) for i in range(self.rasters.count())
-                if self.rasters.item(i).checkState() == Qt.Checked]
+        return [self.rasters.item(i).data(LAYER_ID) for i in range(self.rasters.count())
+                if self.rasters.item(i).checkState() == Qt.CheckState.Checked]
 
     def checked_rasters(self) -> list[QgsRasterLayer]:
         project = QgsProject.instance()
@@ -276,82 +264,147 @@ class TrainDialog(QDialog):
 
     def set_checked_rasters(self, layers) -> None:
         ids = {layer.id() for layer in layers}
+        self.rasters.blockSignals(True)
         for i in range(self.rasters.count()):
             item = self.rasters.item(i)
-            item.setCheckState(Qt.Checked if item.data(Qt.UserRole) in ids else Qt.Unchecked)
+            item.setCheckState(Qt.CheckState.Checked if item.data(LAYER_ID) in ids
+                               else Qt.CheckState.Unchecked)
+        self.rasters.blockSignals(False)
+        self._rasters_changed()
 
     def _rasters_changed(self, *_args) -> None:
-        """Bands of the stacked rasters, by name; all checked by default."""
-        previous = {self.bands.item(i).data(Qt.UserRole): self.bands.item(i).checkState()
-                    for i in range(self.bands.count())}
-        self.bands.clear()
-        number = 0
-        for layer in self.checked_rasters():
+        """The bands of the ticked rasters, stacked in order."""
+        layers = self.checked_rasters()
+        bands, number = [], 0
+        for layer in layers:
             names = band_descriptions(layer.source()) or [""] * layer.bandCount()
-            for b, name in enumerate(names, start=1):
+            for name in names:
                 number += 1
-                text = f"{number}: {name or 'Band ' + str(b)}"
-                if len(self.checked_raster_ids()) > 1:
-                    text += f"  ({layer.name()})"
-                item = QListWidgetItem(text)
-                item.setData(Qt.UserRole, number)
-                item.setData(Qt.UserRole + 1, name)
-                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-                item.setCheckState(previous.get(number, Qt.Checked))
-                self.bands.addItem(item)
+                bands.append(Band(number, layer.name(), name))
+        self.band_table.set_bands(bands, show_layer=len(layers) > 1)
+        self._suggest_output()
 
-    def checked_bands(self) -> tuple[list[int], list[str]]:
-        items = [self.bands.item(i) for i in range(self.bands.count())
-                 if self.bands.item(i).checkState() == Qt.Checked]
-        return [it.data(Qt.UserRole) for it in items], [it.data(Qt.UserRole + 1) for it in items]
+    def checked_bands(self) -> list[int]:
+        return self.band_table.ticked()
 
     def set_checked_bands(self, numbers) -> None:
-        for i in range(self.bands.count()):
-            item = self.bands.item(i)
-            item.setCheckState(Qt.Checked if item.data(Qt.UserRole) in numbers else Qt.Unchecked)
+        self.band_table.set_ticked(numbers)
 
+    def _models_info_arrived(self, info, error: str) -> None:
+        self._models_task = None
+        self.band_table.set_model(self.backbone.currentText(), info, error)
+
+    def _suggest_output(self) -> None:
+        """A new folder in the models folder, until the analyst picks one."""
+        current = self.out.filePath().strip()
+        if current and current != self._auto_out:
+            return
+        layers = self.checked_rasters()
+        stem = f"{layers[0].name() if layers else 'model'}_{self.tuning.currentData()}"
+        self._auto_out = new_model_folder(stem)
+        self.out.setFilePath(self._auto_out)
+
+    # -- labels --------------------------------------------------------------------------------
     def _labels_changed(self, layer) -> None:
         vector = isinstance(layer, QgsVectorLayer)
-        self.label_field.setEnabled(vector and self.task is None)
-        new_layer = (layer.id() if layer else None) != getattr(self, "_field_layer_id", None)
+        running = self.task is not None
+        self.label_field.setEnabled(vector and not running)
+        for widget in (self.use_ignore, self.ignore_value):
+            widget.setEnabled(not vector and not running
+                              and (widget is self.use_ignore or self.use_ignore.isChecked()))
+        new_layer = (layer.id() if layer else None) != self._field_layer_id
+        self._mark_labels_raster(layer)
         if new_layer:
             self._field_layer_id = layer.id() if layer else None
             self.label_field.setLayer(layer if vector else None)
             if vector:
                 self.label_field.setField(preferred_class_field(layer) or "")
-        self._update_classes()
+            self._default_ignore(layer)
+        self._update_classes(keep=not new_layer)
 
-    def _update_classes(self, *_args) -> None:
+    def _mark_labels_raster(self, layer) -> None:
+        """The labels raster cannot be an input too: untick it and grey it out in the list."""
+        labels_id = layer.id() if isinstance(layer, QgsRasterLayer) else None
+        changed = False
+        self.rasters.blockSignals(True)
+        for i in range(self.rasters.count()):
+            item = self.rasters.item(i)
+            is_labels = item.data(LAYER_ID) == labels_id
+            if is_labels and item.checkState() == Qt.CheckState.Checked:
+                item.setCheckState(Qt.CheckState.Unchecked)
+                changed = True
+            flags = item.flags() | Qt.ItemFlag.ItemIsEnabled
+            item.setFlags(flags & ~Qt.ItemFlag.ItemIsEnabled if is_labels else flags)
+            layer_name = QgsProject.instance().mapLayer(item.data(LAYER_ID)).name()
+            item.setText(f"{layer_name}  (labels)" if is_labels else layer_name)
+        self.rasters.blockSignals(False)
+        if changed:
+            self._rasters_changed()
+
+    def _default_ignore(self, layer) -> None:
+        """Tick the ignore value when the layer has a no-data value set in QGIS."""
+        value = None
+        if isinstance(layer, QgsRasterLayer):
+            try:
+                value = ignore_index(layer)
+            except LabelsError:
+                value = None  # reported by validate()
+        self.use_ignore.blockSignals(True)
+        self.use_ignore.setChecked(value is not None)
+        self.ignore_value.setEnabled(value is not None and self.task is None)
+        if value is not None:
+            self.ignore_value.setValue(value)
+        self.use_ignore.blockSignals(False)
+
+    def explicit_ignore(self) -> int | None:
+        return self.ignore_value.value() if self.use_ignore.isChecked() else None
+
+    def _update_classes(self, keep: bool = False) -> None:
         layer = self.labels.currentLayer()
+        note = ""
         if isinstance(layer, QgsVectorLayer) and self.label_field.currentField():
-            self.classes = classes_from_vector_layer(layer, self.label_field.currentField())
+            self.class_table.set_classes(classes_from_vector_layer(layer, self.label_field.currentField()),
+                                         editable=False)
         elif isinstance(layer, QgsRasterLayer):
-            self.classes = classes_from_raster_layer(layer)
+            try:
+                ignore = ignore_index(layer, self.explicit_ignore())
+            except LabelsError as exc:
+                ignore, note = self.explicit_ignore(), str(exc)
+            self.class_table.set_classes(raster_label_classes(layer, ignore), keep=keep)
+            note = note or negative_values_warning(layer, label_values(layer), ignore) or ""
         else:
-            self.classes = []
-        self.class_list.clear()
-        for c in self.classes:
-            item = QListWidgetItem(swatch(c["colour"]), f"{c['value']} {c['name']}")
-            self.class_list.addItem(item)
-        if isinstance(layer, QgsRasterLayer) and not self.classes:
-            self.class_list.addItem("(values of the raster; names from the engine)")
+            self.class_table.set_classes([])
+        self.labels_note.setText(note)
+        self.labels_note.setVisible(bool(note))
+
+    @property
+    def classes(self) -> list[dict]:
+        return self.class_table.classes()
 
     # -- config, validation, command -----------------------------------------------------------
     def config(self) -> TrainConfig:
         """The dialog's state as a TrainConfig (vector labels exported to a file if needed)."""
         layers = self.checked_rasters()
-        bands, _names = self.checked_bands()  # the engine reads band names from the files
-        all_bands = self.bands.count()
+        bands = self.checked_bands()
         labels_layer = self.labels.currentLayer()
         vector = isinstance(labels_layer, QgsVectorLayer)
         weights = self.weights.currentData()
         if weights == "file":
             weights = self.weights_file.filePath()
+        ignore = self.explicit_ignore()
+        if isinstance(labels_layer, QgsRasterLayer):
+            try:
+                ignore = ignore_index(labels_layer, ignore)
+            except LabelsError:
+                pass  # validate() reports it
         return TrainConfig(
             images=[layer.source() for layer in layers],
-            bands=[] if len(bands) == all_bands else bands,
+            bands=[] if len(bands) == len(self.band_table.bands) else bands,
+            band_names=self.band_table.ticked_names() if self.band_table.names_changed() else [],
             labels=layer_path(labels_layer) if labels_layer is not None else "",
             label_field=(self.label_field.currentField() or None) if vector else None,
+            ignore_index=None if vector else ignore,
+            classes=self.classes or None,
             backbone=self.backbone.currentText(),
             weights=weights,
             tuning=self.tuning.currentData(),
@@ -366,19 +419,28 @@ class TrainDialog(QDialog):
         )
 
     def validate(self) -> list[str]:
-        """Problems with the current choices, shown in the dialog's message bar."""
+        """Problems with the current choices, each naming the control to change."""
         problems = []
         labels_layer = self.labels.currentLayer()
         if not self.checked_raster_ids():
             problems.append("Choose at least one input raster.")
-        if self.bands.count() and not self.checked_bands()[0]:
-            problems.append("Choose at least one band.")
+        if self.band_table.bands and not self.checked_bands():
+            problems.append("Tick at least one band under Bands.")
+        names = self.band_table.ticked_names()
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            problems.append(f"Band names must differ; under Bands, {', '.join(doubled)} is used twice.")
         if isinstance(labels_layer, QgsVectorLayer) and not self.label_field.currentField():
-            problems.append("Choose the class field of the polygon labels.")
+            problems.append(f"Choose the Class field of the polygon labels '{labels_layer.name()}'.")
+        if isinstance(labels_layer, QgsRasterLayer):
+            try:
+                ignore_index(labels_layer, self.explicit_ignore())
+            except LabelsError as exc:
+                problems.append(str(exc))
         if labels_layer is not None and labels_layer.id() in self.checked_raster_ids():
             problems.append("The labels layer cannot also be an input raster.")
         if self.weights.currentData() == "file" and not self.weights_file.filePath():
-            problems.append("Choose the weights file.")
+            problems.append("Choose the Weights file.")
         try:
             config = self.config()
         except LayerError as exc:
@@ -397,16 +459,12 @@ class TrainDialog(QDialog):
                 problems += [p.replace(" is not on the same grid", " (labels) is not on the same grid")
                              for p in grid_problems([config.images[0], labels_layer.source()])]
         unique = list(dict.fromkeys(problems))
-        self.bar.clearWidgets()
-        if unique:
-            self.bar.pushMessage("Cannot start training", " ".join(unique), Qgis.Warning, 0)
+        show_problems(self.bar, self.messages, "Cannot start training", unique)
         return unique
 
     def command(self) -> list[str]:
         """The engine command for the current choices (after validation)."""
-        config = self.config()
-        config.classes = self.classes or None
-        return train_args(config)
+        return train_args(self.config())
 
     # -- running -------------------------------------------------------------------------------
     def start(self) -> EngineTask | None:
@@ -415,15 +473,19 @@ class TrainDialog(QDialog):
         if self.validate():
             return None
         args = self.command()
+        self.metrics.setText("")  # nothing of the previous run stays on screen
+        self.progress.setValue(0)
+        self.messages.clear()
+        self.bar.clearWidgets()
+        self.messages.start_log("<engine python> -m engine " + " ".join(args))
         log("Train: <engine python> -m engine " + " ".join(args))
         mapper = ProgressMapper("train")
         self.task = EngineTask("GeoPEFT: training", settings.engine_python(), args,
                                progress=mapper.percent)
         self._mapper = mapper
-        self._last_epoch = None
         self._metrics: dict[str, float] = {}
         self.task.engineEvent.connect(self._on_event)
-        self.task.logLine.connect(lambda line: log(line))
+        self.task.logLine.connect(self.messages.add_log)
         self.task.ended.connect(self._on_completed)
         self._set_running(True)
         self.status.setText("Starting the engine…")
@@ -440,9 +502,10 @@ class TrainDialog(QDialog):
     def _set_running(self, running: bool) -> None:
         self.train_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
-        for widget in (self.rasters, self.bands, self.labels, self.label_field, self.backbone,
-                       self.weights, self.tuning, self.decoder, self.chip_size, self.epochs,
-                       self.max_time, self.batch_size, self.lr, self.device, self.out):
+        for widget in (self.rasters, self.band_table, self.labels, self.label_field, self.use_ignore,
+                       self.ignore_value, self.class_table, self.backbone, self.weights, self.tuning,
+                       self.decoder, self.chip_size, self.epochs, self.max_time, self.batch_size,
+                       self.lr, self.device, self.out):
             widget.setEnabled(not running)
         if not running:
             self.weights_file.setEnabled(self.weights.currentData() == "file")
@@ -476,8 +539,12 @@ class TrainDialog(QDialog):
                 text[-1] += f" (epoch {event['epoch']})"
             self.metrics.setText(" · ".join(text))
         elif kind == "warning":
-            log(event.get("message", ""), Qgis.Warning)
-            self.bar.pushMessage("Engine", event.get("message", ""), Qgis.Warning, 8)
+            message = event.get("message", "")
+            log(message, Qgis.MessageLevel.Warning)
+            self.bar.pushMessage("Engine", message.split("\n")[0], message,
+                                 Qgis.MessageLevel.Warning, 8)
+            shown = self.messages.text.toPlainText()
+            self.messages.show_text((shown + "\n" if shown else "") + "Warning: " + message)
 
     def _on_completed(self, task: EngineTask) -> None:
         self.task = None
@@ -485,7 +552,7 @@ class TrainDialog(QDialog):
         if task.error is not None:
             self.progress.setValue(0)
             self.status.setText("Training failed.")
-            show_error(self.iface, self.bar, task.error)
+            show_error(self.iface, self.bar, self.messages, task.error)
             return
         result = task.result
         out = (result.done.get("out") if result else None) or self.out.filePath()
@@ -495,29 +562,19 @@ class TrainDialog(QDialog):
             text = (f"Training cancelled; the best model so far is in {out}." if written else
                     "Training cancelled before the first validation; nothing was written.")
             self.status.setText(text)
-            self.bar.pushMessage("GeoPEFT", text, Qgis.Info, 10)
+            self.bar.pushMessage("GeoPEFT", text, Qgis.MessageLevel.Info, 10)
             return
         self.progress.setValue(100)
         text = f"Model saved to {out}" + (f" (best validation mIoU {miou:.3f})"
                                           if isinstance(miou, (int, float)) else "")
         self.status.setText(text)
-        self.bar.pushMessage("GeoPEFT", text, Qgis.Success, 0)
+        self.bar.pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 0)
         if self.iface is not None:
-            self.iface.messageBar().pushMessage("GeoPEFT", text, Qgis.Success, 10)
+            self.iface.messageBar().pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 10)
         log(text)
+        self._auto_out = self.out.filePath().strip()  # the next run gets a new folder
+        self._suggest_output()
 
     def closeEvent(self, event):  # noqa: N802 - Qt API
         # the task keeps running in QGIS's task manager (with its own cancel button)
         super().closeEvent(event)
-
-
-def show_error(iface, dialog_bar, error) -> None:
-    """One clear message (engine output tail behind "More"), in the dialog, main bar and log."""
-    log(error.message + ("\n" + error.details if error.details else ""), Qgis.Critical)
-    first = error.message.split("\n")[0]
-    dialog_bar.pushMessage("GeoPEFT", error.message, Qgis.Critical, 0)
-    if iface is not None:
-        try:
-            iface.messageBar().pushMessage("GeoPEFT", first, error.message, Qgis.Critical, 0)
-        except TypeError:  # stub interfaces without the showMore overload
-            iface.messageBar().pushMessage("GeoPEFT", error.message, Qgis.Critical, 0)

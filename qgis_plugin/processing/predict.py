@@ -17,11 +17,15 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
 )
 
-from ..core.commands import DEVICES, PredictConfig, predict_args, validate_predict
-from ..core.rasterinfo import grid_problems
+from .. import settings
+from ..core.bands import ModelsInfo, fetch_models_info
+from ..core.commands import DEVICES, PredictConfig, parse_bands, predict_args, read_card, validate_predict
+from ..core.engine_client import EngineError
+from ..core.rasterinfo import band_descriptions, grid_problems
 from ..styling import (classes_from_raster_file, normalise_classes, style_polygons,
                        style_prediction, write_default_style)
 from .base import EngineAlgorithm, layer_path
@@ -60,6 +64,7 @@ class ClassStyler(QgsProcessingLayerPostProcessorInterface):
 class PredictAlgorithm(EngineAlgorithm):
     INPUT = "INPUT"
     EXTRA_INPUTS = "EXTRA_INPUTS"
+    BANDS = "BANDS"
     MODEL = "MODEL"
     OUTPUT = "OUTPUT"
     PROBABILITIES = "PROBABILITIES"
@@ -80,7 +85,9 @@ class PredictAlgorithm(EngineAlgorithm):
         return self.tr(
             "Classifies every pixel of a raster with a model trained by GeoPEFT (its folder or "
             "card.json) or exported to ONNX. The model card says which bands, normalisation and "
-            "chip size to use, so the raster needs the same bands as in training.\n\n"
+            "chip size to use. <b>Bands</b> (empty): the bands named as in training are found "
+            "by name in the raster (B02 and BLUE count as the same band), else the band "
+            "numbers of training are used; or give the band numbers, e.g. 2,3,4,9,12,13.\n\n"
             "<b>Output</b>: a class GeoTIFF on exactly the input grid, styled with the model's "
             "class names and colours. Optionally the per-class probabilities and class polygons "
             "(polygonised with GDAL, fields class_id and class_name, styled by class).")
@@ -93,12 +100,15 @@ class PredictAlgorithm(EngineAlgorithm):
         extra = QgsProcessingParameterMultipleLayers(
             self.EXTRA_INPUTS, self.tr("Additional rasters stacked after the input (as in training)"),
             QgsProcessing.TypeRaster, optional=True)
+        bands = QgsProcessingParameterString(
+            self.BANDS, self.tr("Bands of the input for the model's bands (e.g. 2,3,4; empty: by "
+                                "name from the model card)"), optional=True, defaultValue="")
         batch = QgsProcessingParameterNumber(
             self.BATCH_SIZE, self.tr("Batch size (empty: engine default)"),
             QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=1024)
         device = QgsProcessingParameterEnum(self.DEVICE, self.tr("Device"), options=list(DEVICES),
                                             defaultValue=0)
-        for param in (extra, batch, device):
+        for param in (extra, bands, batch, device):
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, self.tr("Classes")))
@@ -109,7 +119,36 @@ class PredictAlgorithm(EngineAlgorithm):
             optional=True, createByDefault=False))
         self.addOutput(QgsProcessingOutputString(self.CLASSES, self.tr("Classes (JSON)")))
 
-    def config(self, parameters, context) -> PredictConfig:
+    def bands(self, parameters, context, model: str, images: list[str], feedback) -> list[int]:
+        """BANDS, else the card's bands found by name in the input (empty: the card's numbers)."""
+        text = self.parameterAsString(parameters, self.BANDS, context)
+        bands = parse_bands(text)
+        if bands is None:
+            raise QgsProcessingException(self.tr("Bands (BANDS) must be band numbers such as "
+                                                 "2,3,4; got {!r}.").format(text))
+        card = read_card(model)
+        if bands or card is None:
+            return bands
+        wanted = [str(n) for n in card.get("input", {}).get("band_names") or []]
+        names = [n for image in images for n in band_descriptions(image)]
+        try:
+            info = fetch_models_info(settings.engine_python())
+        except EngineError:
+            info = ModelsInfo()  # exact names only; the engine's own error comes later
+        found = info.find_bands(wanted, names)
+        if wanted and None not in found:
+            feedback.pushInfo(self.tr("Bands found by name: {}").format(
+                ", ".join(f"{w} = band {b}" for w, b in zip(wanted, found))))
+            return found
+        if wanted:
+            feedback.pushWarning(self.tr(
+                "Not found by name in the input: {}; using the band numbers of training ({}). "
+                "Set Bands (BANDS) if they differ.").format(
+                    ", ".join(w for w, b in zip(wanted, found) if b is None),
+                    ", ".join(str(b) for b in card.get("input", {}).get("bands") or [])))
+        return []
+
+    def config(self, parameters, context, feedback) -> PredictConfig:
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         extra = self.parameterAsLayerList(parameters, self.EXTRA_INPUTS, context) or []
         images = [layer_path(layer)] + [layer_path(x) for x in extra if x.type() == QgsMapLayer.RasterLayer]
@@ -117,9 +156,11 @@ class PredictAlgorithm(EngineAlgorithm):
             raise QgsProcessingException(self.tr("Choose a file-based input raster."))
         probabilities = self.parameterAsOutputLayer(parameters, self.PROBABILITIES, context) or None
         batch = parameters.get(self.BATCH_SIZE)
+        model = self.parameterAsFile(parameters, self.MODEL, context)
         return PredictConfig(
-            model=self.parameterAsFile(parameters, self.MODEL, context),
+            model=model,
             images=images,
+            bands=self.bands(parameters, context, model, images, feedback),
             out=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             probabilities=probabilities,
             batch_size=None if batch in (None, "") else self.parameterAsInt(parameters, self.BATCH_SIZE, context),
@@ -127,7 +168,7 @@ class PredictAlgorithm(EngineAlgorithm):
         )
 
     def processAlgorithm(self, parameters, context, feedback):
-        config = self.config(parameters, context)
+        config = self.config(parameters, context, feedback)
         problems = validate_predict(config) + grid_problems(config.images)
         if problems:
             raise QgsProcessingException("\n".join(problems))

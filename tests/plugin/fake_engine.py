@@ -3,7 +3,7 @@
 Commands: ``train`` (progress every 50 ms until SIGTERM/'cancel' on stdin, then writes and
 reports done cancelled), ``usererror`` (error event + exit 2), ``crash`` (traceback, exit 3),
 ``silent`` (no output for a long time, honours SIGTERM), ``noengine`` (like a Python without
-the engine), ``leak`` (reports its environment). ``$FAKE_ENGINE_MODE`` overrides the command.
+the engine), ``leak`` (reports its environment), ``echo`` (done at once, reporting its argv). ``$FAKE_ENGINE_MODE`` overrides the command.
 """
 import json
 import os
@@ -55,6 +55,8 @@ elif command == "silent":
 elif command == "noengine":
     print("/usr/bin/python3: No module named engine", file=sys.stderr, flush=True)
     sys.exit(1)
+elif command == "echo":
+    emit("done", ok=True, cancelled=False, argv=args)
 elif command == "leak":
     keys = ["PYTHONPATH", "PYTHONHOME", "GDAL_DATA", "PROJ_LIB", "PROJ_DATA", "QGIS_PREFIX_PATH",
             "LD_LIBRARY_PATH", "GDAL_DRIVER_PATH", "QGIS_SOMETHING", "PYTHONUNBUFFERED"]

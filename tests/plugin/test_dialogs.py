@@ -17,6 +17,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QCoreApplication
+from qgis.PyQt.QtWidgets import QPlainTextEdit
 
 from plugin_testdata import BANDS, CLASSES, needs_engine
 
@@ -61,25 +62,32 @@ def train_dialog(qgis_iface, project, provider):
     dialog.deleteLater()
 
 
+def band_names(d) -> list[str]:
+    return [d.band_table.name(b.number) for b in d.band_table.bands]
+
+
 def test_train_dialog_populates_from_the_project(train_dialog, project):
     d = train_dialog
     names = [d.rasters.item(i).text() for i in range(d.rasters.count())]
-    assert names == ["scene", "scene_b", "other_grid", "labels"]
-    assert d.checked_raster_ids() == [project["scene"].id()]  # first raster by default
-    # bands are shown by name
-    assert [d.bands.item(i).text() for i in range(d.bands.count())] == \
-        [f"{i}: {name}" for i, name in enumerate(BANDS, start=1)]
-    # the polygon layer is the default labels; its class field is found; classes named
-    assert d.labels.currentLayer() == project["polygons"]
+    # the class raster is the labels (paletted, one integer band), so it is not an input
+    assert names == ["scene", "scene_b", "other_grid", "labels  (labels)"]
+    assert d.checked_raster_ids() == [project["scene"].id()]  # the topmost multi-band raster
+    assert d.labels.currentLayer() == project["labels"]
+    assert not d.label_field.isEnabled()
+    assert band_names(d) == BANDS  # bands are shown by name
+    assert [(c["value"], c["name"]) for c in d.classes] == [(c["value"], c["name"]) for c in CLASSES]
+    # polygons: their class field is found and names the classes
+    d.labels.setLayer(project["polygons"])
     assert d.label_field.currentField() == "class_id"
     assert [(c["value"], c["name"]) for c in d.classes] == [(c["value"], c["name"]) for c in CLASSES]
     # two rasters: bands of both, stacked
     d.set_checked_rasters([project["scene"], project["scene_b"]])
-    assert d.bands.count() == 8 and d.bands.item(7).text().startswith("8: EXTRA_2")
+    assert len(d.band_table.bands) == 8 and d.band_table.name(8) == "EXTRA_2"
 
 
 def test_train_dialog_builds_the_engine_command(train_dialog, project, data, tmp_path):
     d = train_dialog
+    d.labels.setLayer(project["polygons"])
     d.set_checked_bands([1, 2, 3, 4])
     d.weights.setCurrentIndex(d.weights.findData("none"))
     d.tuning.setCurrentIndex(d.tuning.findData("dora"))
@@ -138,13 +146,16 @@ def test_train_dialog_refuses_invalid_choices(train_dialog, project, tmp_path):
     (tmp_path / "used" / "x.txt").write_text("x")
     d.out.setFilePath(str(tmp_path / "used"))
     d.chip_size.setValue(200)
-    text = " ".join(d.validate())
+    problems = d.validate()
+    text = " ".join(problems)
     assert "not on the same grid" in text
-    assert "class field" in text
+    assert "Class field" in text
     assert "not empty" in text
     assert "multiple of 16" in text
     assert "larger than the raster" in text
-    assert "not on the same grid" in bar_text(d)
+    # the bar shows the first problem; every problem is readable in full below it
+    assert problems[0] in bar_text(d) and "more below" in bar_text(d)
+    assert all(p in d.messages.text.toPlainText() for p in problems) and not d.messages.text.isHidden()
 
 
 def test_predict_dialog_populates_and_builds_the_command(qgis_iface, project, data, tmp_path):
@@ -167,7 +178,7 @@ def test_predict_dialog_populates_and_builds_the_command(qgis_iface, project, da
     d.device.setCurrentIndex(d.device.findData("cpu"))
     assert d.validate() == []
     assert d.command() == ["predict", "--model", str(model), "--image", str(data["scene"]),
-                           "--out", str(tmp_path / "pred.tif"), "--probabilities",
+                           "--bands", "1,2,3,4,5,6", "--out", str(tmp_path / "pred.tif"), "--probabilities",
                            str(tmp_path / "probs.tif"), "--device", "cpu"]
     # invalid: not a model, not a GeoTIFF, polygons without a path
     d.model.setFilePath(str(tmp_path))
@@ -193,10 +204,18 @@ def test_crashed_engine_shows_its_error_output(qgis_iface, project, tmp_path, fa
     qgis_iface.messageBar().clear_messages()
     assert d.start() is not None
     wait_for(lambda: d.task is None, 30)
-    assert "CUDA out of memory" in bar_text(d)  # the tail of the engine's stderr
+    # the whole message, with the tail of the engine's stderr, is in the dialog, not cut short
+    shown = d.messages.text.toPlainText()
+    assert "exit status 3" in shown and "Traceback" in shown and "CUDA out of memory" in shown
+    assert "exit status 3" in bar_text(d)
     assert d.status.text() == "Prediction failed."
     critical = qgis_iface.messageBar().get_messages(Qgis.Critical)
     assert critical and "exit status 3" in critical[-1]
+    # the engine log is one click away: everything it printed in this run
+    d.messages.log_button.click()
+    log_text = d.messages.log_view.findChild(QPlainTextEdit).toPlainText()
+    assert d.messages.log_view.isVisible()
+    assert log_text.startswith("$ <engine python> -m engine predict") and "CUDA out of memory" in log_text
     assert not (tmp_path / "pred.tif").exists()
     d.close()
 
