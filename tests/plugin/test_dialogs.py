@@ -230,9 +230,13 @@ def test_predict_dialog_runs_and_adds_styled_layers(qgis_iface, project, trained
     d.want_polygons.setChecked(True)
     d.polygons.setFilePath(str(tmp_path / "pred.gpkg"))
     d.device.setCurrentIndex(d.device.findData("cpu"))
+    qgis_iface.messageBar().clear_messages()
     assert d.start() is not None
     wait_for(lambda: d.task is None, 180)
     assert d.progress.value() == 100, bar_text(d)
+    # success in QGIS's message bar, with a link that opens the output's folder
+    success = qgis_iface.messageBar().get_messages(Qgis.Success)
+    assert success and f'<a href="file://{tmp_path}">{tmp_path / "pred.tif"}</a>' in success[-1]
     raster, polygons = d.added_layers
     assert QgsProject.instance().mapLayer(raster.id()) is raster
     assert isinstance(raster.renderer(), QgsPalettedRasterRenderer)
