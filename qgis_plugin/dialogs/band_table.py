@@ -14,6 +14,7 @@ from qgis.PyQt.QtWidgets import (
     QHeaderView,
     QLabel,
     QPushButton,
+    QStyledItemDelegate,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -32,6 +33,27 @@ class Band:
     number: int  # 1-based, in the stack of the ticked rasters
     layer: str  # layer name
     description: str  # the file's band description ('' when unnamed)
+
+
+class NameDelegate(QStyledItemDelegate):
+    """Edits a band name with an editable list of the model's pretrained bands."""
+
+    def __init__(self, choices, parent=None):
+        super().__init__(parent)
+        self.choices = choices  # callable: the current pretrained bands
+
+    def createEditor(self, parent, option, index):  # noqa: N802 - Qt API
+        combo = QComboBox(parent)
+        combo.setEditable(True)
+        combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        combo.addItems(self.choices())
+        return combo
+
+    def setEditorData(self, editor, index):  # noqa: N802
+        editor.setCurrentText(index.data() or "")
+
+    def setModelData(self, editor, model, index):  # noqa: N802
+        model.setData(index, editor.currentText().strip())
 
 
 class BandTable(QWidget):
@@ -54,10 +76,12 @@ class BandTable(QWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
-        self.table.setMinimumHeight(150)
-        self.table.setToolTip("Tick the bands fed to the model. Name them like the model's "
-                              "pretrained bands (or pick one from the list) so that they start "
-                              "from the pretrained weights; other bands start fresh.")
+        self.table.verticalHeader().setDefaultSectionSize(24)
+        self.table.setMinimumHeight(240)
+        self.table.setItemDelegateForColumn(1, NameDelegate(self._choices, self.table))
+        self.table.setToolTip("Tick the bands fed to the model. Double-click a name to name the "
+                              "band like the model's pretrained band (or pick one from the list) "
+                              "so that it starts from the pretrained weights; others start fresh.")
         self.table.itemChanged.connect(lambda *_: self._refresh())
         self.only_matching = QPushButton("Tick matching bands only")
         self.only_matching.setToolTip("Use only the bands that match a pretrained band by name")
@@ -88,16 +112,13 @@ class BandTable(QWidget):
                                else Qt.CheckState.Unchecked)
             item.setToolTip(f"Band {band.number} of the stack, from layer {band.layer}")
             self.table.setItem(row, 0, item)
-            combo = QComboBox()
-            combo.setEditable(True)
-            combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
-            combo.addItems(self._choices())
             kept = named.get(band.number)
             changed_by_analyst = kept is not None and kept != described.get(band.number)
-            combo.setCurrentText(kept if changed_by_analyst else band.description)
-            combo.lineEdit().setPlaceholderText(fallback_band_name(band.number))
-            combo.currentTextChanged.connect(lambda *_: self._refresh())
-            self.table.setCellWidget(row, 1, combo)
+            name = QTableWidgetItem(kept if changed_by_analyst else band.description)
+            name.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsEditable)
+            name.setToolTip(f"Band description in the file: {band.description or '(none)'}; "
+                            f"unnamed bands are passed as {fallback_band_name(band.number)}")
+            self.table.setItem(row, 1, name)
             match = QTableWidgetItem("")
             match.setFlags(Qt.ItemFlag.ItemIsEnabled)
             self.table.setItem(row, 2, match)
@@ -108,14 +129,6 @@ class BandTable(QWidget):
         self.model = model
         if info is not None or error:
             self.info, self.info_error = info, error
-        for row in range(self.table.rowCount()):
-            combo = self.table.cellWidget(row, 1)
-            text = combo.currentText()
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(self._choices())
-            combo.setCurrentText(text)
-            combo.blockSignals(False)
         self._refresh()
 
     def _choices(self) -> list[str]:
@@ -129,10 +142,10 @@ class BandTable(QWidget):
         return self.table.item(self._row(number), 0).checkState() == Qt.CheckState.Checked
 
     def name(self, number: int) -> str:
-        return self.table.cellWidget(self._row(number), 1).currentText().strip()
+        return self.table.item(self._row(number), 1).text().strip()
 
     def set_name(self, number: int, name: str) -> None:
-        self.table.cellWidget(self._row(number), 1).setCurrentText(name)
+        self.table.item(self._row(number), 1).setText(name)
 
     def ticked(self) -> list[int]:
         return [b.number for b in self.bands if self.is_ticked(b.number)]

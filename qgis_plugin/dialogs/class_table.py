@@ -7,10 +7,10 @@ read-only (names come from the field or the layer's categorized style).
 """
 from __future__ import annotations
 
-from qgis.gui import QgsColorButton
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QColor
-from qgis.PyQt.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
+from qgis.PyQt.QtWidgets import (QAbstractItemView, QColorDialog, QHeaderView, QTableWidget,
+                                 QTableWidgetItem)
 
 from ..styling import colour_for_name
 
@@ -27,9 +27,12 @@ class ClassTable(QTableWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
-        self.setMinimumHeight(110)
+        self.verticalHeader().setDefaultSectionSize(24)
+        self.setMinimumHeight(90)
+        self.setMaximumHeight(150)
         self.editable = True
         self.itemChanged.connect(self._name_changed)
+        self.cellDoubleClicked.connect(self._pick_colour)
 
     def set_classes(self, classes: list[dict], editable: bool = True, keep: bool = False) -> None:
         """Fill the table; with ``keep``, names and colours already in the table are kept for the
@@ -56,14 +59,11 @@ class ClassTable(QTableWidget):
                 flags |= Qt.ItemFlag.ItemIsEditable
             name.setFlags(flags)
             self.setItem(row, 1, name)
-            button = QgsColorButton()
-            button.setShowNoColor(False)
-            button.setAllowOpacity(False)
-            button.setColor(QColor(c["colour"]))
-            button.setEnabled(editable)
-            button.setMinimumWidth(60)
-            button.colorChanged.connect(lambda _colour, r=row: self._colour_picked(r))
-            self.setCellWidget(row, 2, button)
+            colour = QTableWidgetItem()
+            colour.setFlags(Qt.ItemFlag.ItemIsEnabled)
+            colour.setToolTip("Double-click to choose another colour" if editable else "")
+            self.setItem(row, 2, colour)
+            self._show_colour(row, c["colour"])
         self.blockSignals(False)
 
     @property
@@ -74,20 +74,34 @@ class ClassTable(QTableWidget):
     def classes(self) -> list[dict]:
         return [{"value": int(self.item(r, 0).text()),
                  "name": self.item(r, 1).text().strip() or f"class {self.item(r, 0).text()}",
-                 "colour": self.cellWidget(r, 2).color().name()} for r in range(self.rowCount())]
+                 "colour": self.item(r, 2).text()} for r in range(self.rowCount())]
 
     def set_name(self, value: int, name: str) -> None:
         for r in range(self.rowCount()):
             if int(self.item(r, 0).text()) == value:
                 self.item(r, 1).setText(name)
 
-    def _name_changed(self, item: QTableWidgetItem) -> None:
-        if item.column() != 1 or not self.item(item.row(), 0).data(AUTO_COLOUR):
-            return
-        button = self.cellWidget(item.row(), 2)
-        button.blockSignals(True)
-        button.setColor(QColor(colour_for_name(item.text(), item.row())))
-        button.blockSignals(False)
+    def set_colour(self, value: int, colour: str) -> None:
+        """The analyst's colour for class ``value``: it stays when the class is renamed."""
+        for r in range(self.rowCount()):
+            if int(self.item(r, 0).text()) == value:
+                self.item(r, 0).setData(AUTO_COLOUR, False)
+                self._show_colour(r, colour)
 
-    def _colour_picked(self, row: int) -> None:
-        self.item(row, 0).setData(AUTO_COLOUR, False)  # the analyst's colour stays
+    def _show_colour(self, row: int, colour: str) -> None:
+        item = self.item(row, 2)
+        blocked = self.blockSignals(True)
+        item.setText(QColor(colour).name())
+        item.setData(Qt.ItemDataRole.DecorationRole, QColor(colour))
+        self.blockSignals(blocked)
+
+    def _name_changed(self, item: QTableWidgetItem) -> None:
+        if item.column() == 1 and self.item(item.row(), 0).data(AUTO_COLOUR):
+            self._show_colour(item.row(), colour_for_name(item.text(), item.row()))
+
+    def _pick_colour(self, row: int, column: int) -> None:
+        if column != 2 or not self.editable:
+            return
+        colour = QColorDialog.getColor(QColor(self.item(row, 2).text()), self, "Class colour")
+        if colour.isValid():
+            self.set_colour(int(self.item(row, 0).text()), colour.name())

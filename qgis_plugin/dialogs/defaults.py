@@ -53,18 +53,21 @@ def preferred_class_field(layer: QgsVectorLayer) -> str | None:
     return None
 
 
-def _label_score(layer) -> int:
-    """How much a layer looks like labels: 2 = a paletted class raster or polygons with a class
-    field, 1 = any other class raster or polygon layer, 0 = not labels."""
+def _label_score(layer, image) -> int:
+    """How much a layer looks like labels: polygons with a class field or a paletted class
+    raster 2, other polygons or class rasters 1, +1 for a class raster on the image's grid;
+    0 = not labels."""
     if is_polygon_layer(layer):
         return 2 if preferred_class_field(layer) else 1
-    if is_class_raster(layer):
-        paletted = isinstance(layer.renderer(), QgsPalettedRasterRenderer)
-        from osgeo import gdal
-        ds = gdal.OpenEx(layer.source()) if os.path.isfile(layer.source()) else None
-        table = ds is not None and ds.GetRasterBand(1).GetColorTable() is not None
-        return 2 if paletted or table else 1
-    return 0
+    if not is_class_raster(layer):
+        return 0
+    from osgeo import gdal
+    ds = gdal.OpenEx(layer.source()) if os.path.isfile(layer.source()) else None
+    paletted = (isinstance(layer.renderer(), QgsPalettedRasterRenderer)
+                or (ds is not None and ds.GetRasterBand(1).GetColorTable() is not None))
+    same_grid = image is not None and (layer.width(), layer.height(), layer.extent()) == \
+        (image.width(), image.height(), image.extent()) and layer.crs() == image.crs()
+    return (2 if paletted else 1) + (1 if same_grid else 0)
 
 
 def default_layers(layers=None) -> tuple[QgsRasterLayer | None, object]:
@@ -73,8 +76,9 @@ def default_layers(layers=None) -> tuple[QgsRasterLayer | None, object]:
     layers = [x for x in (project_layers() if layers is None else layers) if x.isValid()]
     rasters = [x for x in layers if isinstance(x, QgsRasterLayer)]
     image = next((x for x in rasters if x.bandCount() > 1), None)
-    candidates = [x for x in layers if x is not image and _label_score(x) > 0]
-    labels = max(candidates, key=_label_score, default=None)  # first of the best
+    scores = {x.id(): _label_score(x, image) for x in layers if x is not image}
+    candidates = [x for x in layers if scores.get(x.id(), 0) > 0]
+    labels = max(candidates, key=lambda x: scores[x.id()], default=None)  # first of the best
     if image is None:
         image = next((x for x in rasters if x is not labels), None)
     return image, labels

@@ -103,7 +103,8 @@ class PredictDialog(QDialog):
         self.band_choice.verticalHeader().setVisible(False)
         self.band_choice.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         self.band_choice.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
-        self.band_choice.setMaximumHeight(170)
+        self.band_choice.verticalHeader().setDefaultSectionSize(26)
+        self.band_choice.setMaximumHeight(190)
         bands.addWidget(self.band_info)
         bands.addWidget(self.band_choice)
 
@@ -161,7 +162,7 @@ class PredictDialog(QDialog):
         layout.addWidget(self.status)
         layout.addWidget(self.messages)
         layout.addWidget(self.buttons)
-        self.resize(QSize(660, 620))
+        self.resize(QSize(660, 700))
         image, _labels = default_layers()  # the topmost multi-band raster: an image, not labels
         if image is not None:
             self.raster.setLayer(image)

@@ -228,7 +228,7 @@ class TrainDialog(QDialog):
         layout.addWidget(self.metrics)
         layout.addWidget(self.messages)
         layout.addWidget(self.buttons)
-        self.resize(QSize(1000, 720))
+        self.resize(QSize(1040, 820))
 
     # -- populating from the project ---------------------------------------------------------
     def populate(self, *_args) -> None:

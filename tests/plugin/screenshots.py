@@ -2,9 +2,10 @@
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python tests/plugin/screenshots.py [--out docs]
 
-The dialogs are filled from a small generated project (the test rasters); the Train dialog is
-shown mid-run by feeding it the engine events a real run emits (no engine is started), so the
-pictures are reproducible.
+The dialogs are filled from a small project: the Sen1Floods11 chip of tests/data (its labels'
+-1 set as no-data in QGIS) and the generated test rasters. The Train dialog asks the engine for
+the model's pretrained bands (``engine models``), and is shown mid-run by feeding it the engine
+events a real run emits (no training is started), so the pictures are reproducible.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +31,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsVectorLayer
+    from qgis.core import QgsApplication, QgsProject, QgsRasterLayer, QgsRasterRange, QgsVectorLayer
     from qgis.PyQt.QtCore import QCoreApplication
     from qgis.PyQt.QtGui import QFont
 
@@ -39,9 +41,14 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="geopeft-shots-"))
     data = write_test_data(work / "data", size=256)
     project = QgsProject.instance()
+    # the Sen1Floods11 chip of tests/data: a 13-band Sentinel-2 image and its water labels
+    chip = REPO / "tests" / "data"
+    labels = QgsRasterLayer(str(chip / "Spain_7370579_LabelHand.tif"), "Sen1Floods11 labels")
+    labels.dataProvider().setUserNoDataValue(1, [QgsRasterRange(-1, -1)])  # -1: no label
     project.addMapLayers([
+        QgsRasterLayer(str(chip / "Spain_7370579_S2Hand.tif"), "Sentinel-2 scene (13 bands)"),
+        labels,
         QgsRasterLayer(str(data["scene"]), "HLS scene 2024-06-12"),
-        QgsRasterLayer(str(data["labels"]), "land cover labels (raster)"),
         QgsVectorLayer(str(data["labels_gpkg"]), "land cover polygons", "ogr"),
     ])
 
@@ -58,12 +65,20 @@ def main(argv=None) -> int:
         widget.close()
         print(path)
 
+    def settle(condition, timeout=60.0):
+        end = time.monotonic() + timeout
+        while not condition() and time.monotonic() < end:
+            QCoreApplication.processEvents()
+            time.sleep(0.02)
+
     train = TrainDialog(None)
-    train.set_checked_bands([1, 2, 3, 4, 5, 6])
-    train.chip_size.setValue(224)
+    settle(lambda: train.band_table.info is not None or train.band_table.info_error)
+    train.band_table.tick_matching()
+    train.class_table.set_name(0, "not water")
+    train.class_table.set_name(1, "water")
     train.epochs.setValue(20)
     train.max_time.setText("30m")
-    train.out.setFilePath("/home/analyst/geopeft/models/landcover-lora")
+    train.out.setFilePath("/home/analyst/floods/models/S2Hand_lora")
     grab(train, "train-dialog.png")
     train._set_running(True)
     from qgis_plugin.processing.base import ProgressMapper
@@ -79,24 +94,23 @@ def main(argv=None) -> int:
         train._on_event(event)
     grab(train, "train-dialog-running.png")
 
-    model = work / "models" / "landcover-lora"
+    model = work / "models" / "S2Hand_lora"
     model.mkdir(parents=True)
     (model / "card.json").write_text(json.dumps({
-        "backbone": {"name": "prithvi_eo_v2_300_tl"}, "tuning": {"method": "lora"},
-        "classes": [{"value": 1, "name": "water", "colour": "#1f78b4"},
-                    {"value": 2, "name": "forest", "colour": "#33a02c"},
-                    {"value": 3, "name": "urban", "colour": "#e31a1c"},
-                    {"value": 4, "name": "crop", "colour": "#ff7f00"}],
-        "input": {"band_names": ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]}}))
+        "backbone": {"name": "prithvi_eo_v2_tiny"}, "tuning": {"method": "lora"},
+        "classes": [{"value": 0, "name": "not water", "colour": "#bdbdbd"},
+                    {"value": 1, "name": "water", "colour": "#1f78b4"}],
+        "input": {"bands": [2, 3, 4, 9, 12, 13],
+                  "band_names": ["B2", "B3", "B4", "B8A", "B11", "B12"]}}))
     predict = PredictDialog(None)
     predict.model.setFilePath(str(model))
-    predict.model.setFilePath("/home/analyst/geopeft/models/landcover-lora")  # shown path
-    predict.out.setFilePath("/home/analyst/geopeft/results/scene_2024-06-12_classes.tif")
+    predict.model.blockSignals(True)  # a readable path in the picture, the card read above
+    predict.model.setFilePath("/home/analyst/floods/models/S2Hand_lora")
+    predict.model.blockSignals(False)
+    predict.out.setFilePath("/home/analyst/floods/results/S2Hand_classes.tif")
     predict.want_polygons.setChecked(True)
-    predict.polygons.setFilePath("/home/analyst/geopeft/results/scene_2024-06-12_classes.gpkg")
-    predict.probabilities.setFilePath("/home/analyst/geopeft/results/scene_2024-06-12_probabilities.tif")
-    predict.model_info.setText(__import__("qgis_plugin.dialogs.predict_dialog", fromlist=["x"])
-                               .describe_model(str(model)))
+    predict.polygons.setFilePath("/home/analyst/floods/results/S2Hand_classes.gpkg")
+    predict.probabilities.setFilePath("/home/analyst/floods/results/S2Hand_probabilities.tif")
     grab(predict, "predict-dialog.png")
 
     setup = SetupDialog(None)

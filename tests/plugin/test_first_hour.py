@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from qgis.core import QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRasterRange
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtGui import QColor
 from test_dialogs import wait_for
 
 from plugin_testdata import BANDS, CLASSES, REPO
@@ -259,7 +258,7 @@ def test_classes_named_and_coloured_in_the_dialog(train, tmp_path):
     table.set_name(0, "not water")
     assert [(c["name"], c["colour"]) for c in d.classes] == [("not water", GREY), ("water", BLUE)]
     # a colour the analyst picked stays when the class is renamed
-    table.cellWidget(0, 2).setColor(QColor("#a0522d"))
+    table.set_colour(0, "#a0522d")
     table.set_name(0, "land")
     assert d.classes[0] == {"value": 0, "name": "land", "colour": "#a0522d"}
     # names survive a change of the ignore value
