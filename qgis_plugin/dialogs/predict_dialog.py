@@ -1,7 +1,6 @@
 """The Predict dialog: raster + model -> class raster (styled), probabilities, polygons."""
 from __future__ import annotations
 
-import json
 import os
 
 from qgis.core import (

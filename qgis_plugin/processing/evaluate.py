@@ -35,7 +35,8 @@ class EvaluateAlgorithm(EngineAlgorithm):
         return self.tr(
             "Scores a predicted class raster against reference labels (a class raster, LABELS, "
             "or a polygon layer, LABEL_POLYGONS, with its class field, LABEL_FIELD; the "
-            "raster's no-data values and the Ignore value are left out): mean IoU, pixel accuracy and the IoU of "
+            "raster's no-data values and the Ignore value are left out): mean IoU, pixel "
+            "accuracy and the IoU of "
             "each class. The metrics are written to a JSON file and returned as outputs "
             "(MIOU, PIXEL_ACCURACY, PER_CLASS as JSON).")
 
