@@ -135,3 +135,86 @@ def test_failed_export_leaves_neither_file(model, tmp_path, monkeypatch):
     with pytest.raises(EngineError, match="differs from PyTorch"):
         export_onnx(model, out, single_file_max_bytes=1024)
     assert list(out.parent.iterdir()) == []
+
+
+# -- defect 5: predict checks the raster against the card --------------------------------------
+
+def test_predict_refuses_to_write_over_an_input(model, scene, tmp_path):
+    image = shutil.copy(scene.image, tmp_path / "scene.tif")
+    before = (tmp_path / "scene.tif").read_bytes()
+    done = run_engine("predict", "--model", model, "--image", image, "--out", image, expect_ok=False)
+    errors = [e for e in done["_events"] if e["event"] == "error"]
+    assert done["_rc"] == 2 and errors and "is an input image" in errors[0]["message"] and errors[0]["hint"]
+    from engine.inference.predict import predict
+    with pytest.raises(EngineError, match="is an input image"):
+        predict(model, [image], tmp_path / "p.tif", probabilities=tmp_path / "sub" / ".." / "scene.tif")
+    assert (tmp_path / "scene.tif").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+@pytest.mark.parametrize("kind", ["pytorch", "onnx"])
+def test_predict_warns_about_a_raster_unlike_the_training_data(kind, model, onnx_model, scene, tmp_path):
+    from engine.inference.predict import predict
+
+    chosen = model if kind == "pytorch" else onnx_model
+    same = Reporter("quiet")
+    predict(chosen, [scene.image], tmp_path / "same.tif", reporter=same)
+    assert same.warnings == []  # the training raster itself passes every check
+    with rasterio.open(scene.image) as src:
+        reflectance = src.read().astype("float32") / 10000  # 0-1 instead of 0-10000
+        coarse = src.transform @ Affine.scale(10)  # 300 m pixels instead of 30 m
+    other = _rewrite(scene.image, tmp_path / "other.tif", reflectance, dtype="float32", transform=coarse)
+    warned = Reporter("quiet")
+    predict(chosen, [other], tmp_path / "other_pred.tif", reporter=warned)
+    text = "\n".join(warned.warnings)
+    assert "float32" in text and "uint16" in text  # dtype family
+    assert "BLUE" in text and "10000" in text  # value range: which band, and how far off
+    assert "pixel size" in text and "300" in text and "30 " in text
+    assert (tmp_path / "other_pred.tif").exists()  # warnings, not errors
+
+
+def test_predict_refuses_bands_in_another_order(model, scene, tmp_path):
+    from engine.inference.predict import predict
+
+    order = [3, 2, 1, 4, 5, 6]
+    with rasterio.open(scene.image) as src:
+        data, names = src.read(order), [src.descriptions[b - 1] for b in order]
+    swapped = _rewrite(scene.image, tmp_path / "swapped.tif", data)
+    with rasterio.open(swapped, "r+") as dst:
+        for i, name in enumerate(names):
+            dst.set_band_description(i + 1, name)
+    with pytest.raises(EngineError, match="band 1 is RED, the model was trained on BLUE") as err:
+        predict(model, [swapped], tmp_path / "p.tif")
+    assert "--bands 3,2,1,4,5,6" in err.value.hint
+    assert not (tmp_path / "p.tif").exists()
+    reporter = Reporter("quiet")
+    predict(model, [swapped], tmp_path / "p.tif", bands=order, reporter=reporter)
+    assert reporter.warnings == []
+
+
+def test_cards_from_before_source_dtype_still_predict(model, scene, tmp_path):
+    from engine.inference.predict import predict
+
+    old = shutil.copytree(model, tmp_path / "old")
+    card = json.loads((old / "card.json").read_text())
+    del card["input"]["source_dtype"], card["grid"]
+    (old / "card.json").write_text(json.dumps(card))
+    reporter = Reporter("quiet")
+    summary = predict(old, [scene.image], tmp_path / "p.tif", reporter=reporter)
+    assert summary["out"] and reporter.warnings == []
+
+
+def test_a_band_far_from_its_training_mean_is_named(model, scene, tmp_path):
+    from engine.data.rasters import RasterStack
+    from engine.inference.checks import check_image
+
+    card = json.loads((model / "card.json").read_text())
+    with rasterio.open(scene.image) as src:
+        data = src.read()
+    data[3] = np.minimum(data[3].astype(np.int64) * 4, 65535)  # NIR four times brighter, the rest as trained
+    brighter = _rewrite(scene.image, tmp_path / "nir.tif", data.astype("uint16"))
+    reporter = Reporter("quiet")
+    with RasterStack([brighter]) as stack:
+        check_image(stack, card, reporter)
+    assert len(reporter.warnings) == 1 and "NIR_NARROW mean" in reporter.warnings[0]
+    assert not any(f"{name} mean" in reporter.warnings[0] for name in ("BLUE", "GREEN", "RED", "SWIR_1"))

@@ -7,6 +7,7 @@ pixels, so tiles at the edges need no special case.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import RasterioIOError
+from rasterio.errors import CRSError, RasterioIOError
 from rasterio.windows import Window
 
 from engine.protocol import EngineError
+
+METRES_PER_DEGREE = 111_320.0  # of latitude, and of longitude at the equator
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,21 @@ class Grid:
     def bounds(self) -> tuple[float, float, float, float]:
         """(left, bottom, right, top) in the grid's CRS."""
         return rasterio.transform.array_bounds(self.height, self.width, self.transform)
+
+    def pixel_size_m(self) -> float | None:
+        """Side of a pixel in metres, roughly (degrees converted at the grid's centre latitude);
+        None without a CRS or with units that are not lengths."""
+        t = self.transform
+        sx, sy = math.hypot(t.a, t.d), math.hypot(t.b, t.e)
+        if self.crs is None:
+            return None
+        if self.crs.is_geographic:
+            lat = (t * (self.width / 2, self.height / 2))[1]
+            return math.sqrt(sx * sy * math.cos(math.radians(lat))) * METRES_PER_DEGREE
+        try:
+            return math.sqrt(sx * sy) * self.crs.linear_units_factor[1]
+        except CRSError:
+            return None
 
 
 def open_raster(path: str | os.PathLike, what: str = "raster"):
@@ -155,6 +173,23 @@ class RasterStack:
         valid[rows, cols] = ok
         data[:, ~valid] = 0.0
         return data, valid
+
+    @property
+    def all_band_names(self) -> list[str]:
+        """Descriptions of every band of the files, selected or not, in stack order."""
+        return [(d or "").strip() for ds in self._datasets for d in ds.descriptions]
+
+    def sample(self, size: int = 256, per_axis: int = 3) -> np.ndarray:
+        """Valid pixel values [C, N] from up to ``per_axis``² windows spread over the raster:
+        a cheap look at the values without reading it all."""
+        def starts(n):
+            return sorted({int(v) for v in np.linspace(0, max(n - size, 0), per_axis)})
+        values = []
+        for row in starts(self.grid.height):
+            for col in starts(self.grid.width):
+                data, valid = self.read(Window(col, row, size, size))
+                values.append(data[:, valid])
+        return np.concatenate(values, axis=1)
 
     def windows(self, size: int = 1024) -> Iterator[Window]:
         """Blocks covering the whole raster (for statistics and checks)."""

@@ -4,7 +4,8 @@ The raster is processed one row of tiles at a time (the shared tiling rule, ``ti
 a strip as tall as a tile and as wide as the raster is read, its tiles run in batches, their
 probabilities blended with ``blend_weights`` into a rolling accumulator, and the rows no later
 tile can touch are written out. Memory is O(tile × raster width), not O(raster).
-Outputs are on exactly the input grid; nodata input pixels stay nodata.
+Outputs are on exactly the input grid; nodata input pixels stay nodata. Before it runs, the
+raster is checked against the model card (``checks``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rasterio.windows import Window
 
 from engine.data.chips import blend_weights, normalise, tile_starts
 from engine.data.rasters import RasterStack, atomic_output, colormap
+from engine.inference.checks import check_image, check_outputs
 from engine.inference.runners import load_runner
 from engine.protocol import EngineError, Reporter
 
@@ -40,6 +42,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                    precision: str = "auto", reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
+    check_outputs(images, out=out, probabilities=probabilities)
     runner = load_runner(model, device, reporter, precision)
     card = runner.card
     classes = card["classes"]
@@ -52,9 +55,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
     values = np.array([c["value"] for c in classes])
     dtype, nodata = output_dtype(classes)
     with RasterStack(images, bands or inp["bands"]) as stack:
-        if stack.count != len(inp["bands"]):
-            raise EngineError(f"the model takes {len(inp['bands'])} bands, the image selection has {stack.count}",
-                              hint="select the same bands as in training")
+        check_image(stack, card, reporter)
         stack.check_has_data()
         grid = stack.grid
         H, W = grid.height, grid.width
