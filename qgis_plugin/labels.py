@@ -7,7 +7,9 @@ Transparency ▸ additional no-data value) and the analyst's "ignore value" beco
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 from qgis.core import QgsRasterLayer
 
@@ -65,10 +67,22 @@ def ignore_index(layer: QgsRasterLayer | None, explicit: int | None = None) -> i
 def label_values(layer: QgsRasterLayer, limit: int = 4096) -> list[int] | None:
     """The class values present in band 1 (the file's no-data left out), from GDAL's histogram
     (exact below 64 Mpx, else from overviews or a sample). None if unknown (not an integer
-    raster, unreadable, or more than ``limit`` distinct values possible)."""
+    raster, unreadable, or more than ``limit`` distinct values possible). Cached per file
+    version: dialogs ask again on every change of the ignore value."""
+    path = layer.source()
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    values = _label_values(path, stamp, limit)
+    return None if values is None else list(values)
+
+
+@functools.lru_cache(maxsize=32)
+def _label_values(path: str, _stamp: int, limit: int) -> tuple[int, ...] | None:
     from osgeo import gdal
     try:
-        ds = gdal.Open(layer.source())
+        ds = gdal.Open(path)
     except RuntimeError:
         return None
     if ds is None:
@@ -81,12 +95,12 @@ def label_values(layer: QgsRasterLayer, limit: int = 4096) -> list[int] | None:
     try:
         low, high = band.ComputeRasterMinMax(approx)
     except RuntimeError:  # only no-data
-        return []
+        return ()
     if low is None or high - low + 1 > limit:
         return None
     low, high = int(low), int(high)
     counts = band.GetHistogram(low - 0.5, high + 0.5, high - low + 1, 0, approx)
-    return [low + i for i, count in enumerate(counts) if count > 0]
+    return tuple(low + i for i, count in enumerate(counts) if count > 0)
 
 
 def negative_values_warning(layer: QgsRasterLayer, values: list[int] | None,
