@@ -81,6 +81,16 @@ def label_values(layer: QgsRasterLayer, limit: int = 4096) -> list[int] | None:
 @functools.lru_cache(maxsize=32)
 def _label_values(path: str, _stamp: int, limit: int) -> tuple[int, ...] | None:
     from osgeo import gdal
+    # GetHistogram would store the histogram in a .aux.xml beside the analyst's file: not here
+    previous = gdal.GetThreadLocalConfigOption("GDAL_PAM_ENABLED", None)
+    gdal.SetThreadLocalConfigOption("GDAL_PAM_ENABLED", "NO")
+    try:
+        return _histogram_values(gdal, path, limit)
+    finally:
+        gdal.SetThreadLocalConfigOption("GDAL_PAM_ENABLED", previous)
+
+
+def _histogram_values(gdal, path: str, limit: int) -> tuple[int, ...] | None:
     try:
         ds = gdal.Open(path)
     except RuntimeError:

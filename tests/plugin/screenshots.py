@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,7 +43,10 @@ def main(argv=None) -> int:
     data = write_test_data(work / "data", size=256)
     project = QgsProject.instance()
     # the Sen1Floods11 chip of tests/data: a 13-band Sentinel-2 image and its water labels
-    chip = REPO / "tests" / "data"
+    chip = work / "chip"  # a copy: QGIS writes .aux.xml statistics beside what it opens
+    chip.mkdir()
+    for name in ("Spain_7370579_LabelHand.tif", "Spain_7370579_S2Hand.tif"):
+        shutil.copy(REPO / "tests" / "data" / name, chip / name)
     labels = QgsRasterLayer(str(chip / "Spain_7370579_LabelHand.tif"), "Sen1Floods11 labels")
     labels.dataProvider().setUserNoDataValue(1, [QgsRasterRange(-1, -1)])  # -1: no label
     project.addMapLayers([

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,20 @@ CHIP = REPO / "tests" / "data"
 BLUE, GREY = "#1f78b4", "#bdbdbd"
 
 
+@pytest.fixture(scope="session")
+def chip_files(tmp_path_factory) -> Path:
+    """A copy: QGIS stores statistics in .aux.xml files beside the rasters it opens."""
+    folder = tmp_path_factory.mktemp("chip")
+    for name in ("Spain_7370579_LabelHand.tif", "Spain_7370579_S2Hand.tif"):
+        shutil.copy(CHIP / name, folder / name)
+    return folder
+
+
 @pytest.fixture
-def chip(qgis_new_project):
+def chip(qgis_new_project, chip_files):
     """The project as the issue found it: the label raster on top, the 13-band image below."""
-    labels = QgsRasterLayer(str(CHIP / "Spain_7370579_LabelHand.tif"), "LabelHand")
-    image = QgsRasterLayer(str(CHIP / "Spain_7370579_S2Hand.tif"), "S2Hand")
+    labels = QgsRasterLayer(str(chip_files / "Spain_7370579_LabelHand.tif"), "LabelHand")
+    image = QgsRasterLayer(str(chip_files / "Spain_7370579_S2Hand.tif"), "S2Hand")
     assert labels.isValid() and image.isValid()
     qgis_new_project.addMapLayers([labels, image])
     return {"labels": labels, "image": image}
