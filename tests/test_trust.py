@@ -110,6 +110,7 @@ def test_export_past_the_single_file_limit_writes_a_data_file_that_travels_with_
     assert artifact["path"] == str(out) and artifact["data_file"] == str(data)
     assert summary["data_file"] == str(data) and summary["max_abs_diff"] <= 1e-4
     assert data.stat().st_size > 10 * out.stat().st_size  # the weights are in the data file
+    assert data.stat().st_mode == out.stat().st_mode  # shared alike
     proto = onnx.load(str(out), load_external_data=False)
     locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
                  for e in t.external_data if e.key == "location"}

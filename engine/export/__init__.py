@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.card import read_card
+from engine.data.rasters import current_umask
 from engine.inference.runners import ONNX_CARD_KEY, load_trained_model
 from engine.protocol import EngineError, Reporter
 
@@ -88,6 +89,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
             raise EngineError(f"ONNX output differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g}); "
                               "nothing written", hint="please report this model configuration")
         if external:
+            os.chmod(staged_data, 0o666 & ~current_umask())  # onnx writes it owner-only
             os.replace(staged_data, data_file)
         elif data_file.exists():  # an earlier, larger export's data: it belongs to the replaced model
             data_file.unlink()

@@ -75,7 +75,8 @@ def _check_band_names(stack: RasterStack, trained: list[str], files: str) -> Non
         if h and w and h != w:
             available = canonical(named(stack.all_band_names))
             if all(w and w in available for w in want):
-                fix = f"select the bands in training order: --bands {','.join(str(available.index(w) + 1) for w in want)}"
+                order = ",".join(str(available.index(w) + 1) for w in want)
+                fix = f"select the bands in training order: --bands {order}"
             else:
                 fix = "select the bands the model was trained on, in the same order (--bands), or fix the " \
                       "band descriptions if these are the same bands"
