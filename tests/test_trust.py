@@ -18,7 +18,7 @@ from engine.data.rasters import Grid
 from engine.protocol import EngineError, Reporter, decode_event
 from tests.conftest import run_engine
 
-TINY = ["--weights", "none", "--epochs", "1", "--chip-size", "32", "--batch-size", "8"]
+TINY = ["--weights", "none", "--epochs", "1", "--chip-size", "32", "--batch-size", "8", "--chips-per-epoch", "16"]
 
 
 @pytest.fixture(scope="module")
