@@ -43,17 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tuning", default="lora", help="lora, dora, full or linear-probe")
     t.add_argument("--lora-rank", type=int, default=16)
     t.add_argument("--lora-alpha", type=int, default=16)
-    t.add_argument("--decoder", default="unet")
-    t.add_argument("--chip-size", type=int, default=224)
-    t.add_argument("--stride", type=int, help="training chip stride in pixels (default: half a chip)")
+    t.add_argument("--decoder", default="auto",
+                   help="unet, linear, or auto: linear (a light head) for linear-probe, unet for every other method")
+    t.add_argument("--chip-size", type=int,
+                   help="training chip size in pixels, a multiple of the patch size (default: chosen from "
+                   "the labelled extent, at most 224)")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--max-time", help="time budget, e.g. 90s, 5m, 1h (stops at whichever comes first)")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of labelled pixels held out for validation, in spatial blocks")
-    t.add_argument("--chips-per-epoch", type=int, help="chips drawn per epoch (default: all training windows, "
-                   "at least 8 batches)")
+    t.add_argument("--chips-per-epoch", type=int, help="random crops drawn per epoch (default: each labelled "
+                   "pixel about four times, at least 8 batches)")
     t.add_argument("--device", default="auto", help="auto, cpu or gpu")
     t.add_argument("--precision", default="auto",
                    help="auto (bf16-mixed on GPUs and on CPUs with native bf16, else 32), 32, bf16-mixed, 16-mixed")
@@ -122,7 +124,7 @@ def cmd_train(a, reporter: Reporter) -> dict:
         band_names=_split(a.band_names), label_field=a.label_field, ignore_index=a.ignore_index,
         classes=load_classes_option(a.classes), backbone=a.backbone, weights=a.weights,
         tuning=TuningConfig(method=a.tuning, rank=a.lora_rank, alpha=a.lora_alpha), decoder=a.decoder,
-        chip_size=a.chip_size, stride=a.stride, epochs=a.epochs, max_time=a.max_time,
+        chip_size=a.chip_size, epochs=a.epochs, max_time=a.max_time,
         batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, device=a.device,
         precision=a.precision, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,
         seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers)

@@ -61,7 +61,7 @@ def run_demo(out: str | os.PathLike, reporter: Reporter, max_time: str = "4m") -
     reporter.info("$ " + steps[0][1])
     t0 = time.monotonic()
     trained = run_training(TrainConfig(images=[str(scene.image)], labels=str(train_labels), out=str(out / "model"),
-                                       chip_size=128, stride=64, epochs=1000, max_time=max_time,
+                                       chip_size=128, epochs=1000, max_time=max_time,
                                        batch_size=8, lr=1e-3, weights="auto"), reporter)
     times["train"] = time.monotonic() - t0
     if not trained.get("out"):

@@ -43,10 +43,34 @@ def blend_weights(size: int, overlap: int) -> np.ndarray:
     return np.outer(ramp, ramp).astype(np.float32)
 
 
+def integral(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table [H+1, W+1] of a boolean mask, for O(1) counts over any window."""
+    out = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int32)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int32), axis=1, out=out[1:, 1:])
+    return out
+
+
+def box_count(table: np.ndarray, r0, c0, r1, c1):
+    """Count of True pixels in rows [r0, r1) × cols [c0, c1) (arrays or ints; clipped)."""
+    h, w = table.shape[0] - 1, table.shape[1] - 1
+    r0, r1 = np.clip(r0, 0, h), np.clip(r1, 0, h)
+    c0, c1 = np.clip(c0, 0, w), np.clip(c1, 0, w)
+    return table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+
+
+def grow(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` dilated by a square of ``radius`` pixels (every pixel within ``radius`` of it)."""
+    if radius <= 0:
+        return mask.copy()
+    rows, cols = np.indices(mask.shape, dtype=np.int32)
+    return box_count(integral(mask), rows - radius, cols - radius, rows + radius + 1, cols + radius + 1) > 0
+
+
 def spatial_split(index: np.ndarray, block: int, val_fraction: float, seed: int) -> np.ndarray:
     """Boolean [H, W] map of validation pixels: whole square blocks, drawn at random (seeded)
     until they hold ``val_fraction`` of the labelled pixels. Neighbouring pixels are strongly
-    correlated, so a random pixel split would overstate accuracy; blocks keep it honest."""
+    correlated, so a random pixel split would overstate accuracy; blocks keep it honest
+    (``training_split`` adds a buffer between them and the training labels)."""
     h, w = index.shape
     val = np.zeros((h, w), bool)
     if val_fraction <= 0:
@@ -75,6 +99,60 @@ def spatial_split(index: np.ndarray, block: int, val_fraction: float, seed: int)
         val[r:r + block, c:c + block] = True
         taken += count
     return val
+
+
+def training_split(index: np.ndarray, chip_size: int, val_fraction: float, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(train target, validation target): class indices with -1 elsewhere.
+
+    Validation takes whole blocks (``spatial_split``, blocks of two chips); training labels
+    within half a chip of a validation block are dropped, so no label the model learns from
+    lies next to one it is scored on (training chips never cover validation pixels either:
+    see ``crop_positions``)."""
+    val = spatial_split(index, 2 * chip_size, val_fraction, seed)
+    train = index.copy()
+    if val.any():
+        train[grow(val, chip_size // 2)] = -1
+    return train.astype(np.int16), np.where(val, index, -1).astype(np.int16)
+
+
+def labelled_extent(index: np.ndarray) -> tuple[int, int]:
+    """(height, width) of the bounding box of the labelled pixels; (0, 0) when none."""
+    rows, cols = np.nonzero((index >= 0).any(axis=1))[0], np.nonzero((index >= 0).any(axis=0))[0]
+    if not len(rows):
+        return 0, 0
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def choose_chip_size(index: np.ndarray, patch: int, largest: int = 224) -> tuple[int, str]:
+    """A chip size for labels that cover ``index``'s labelled extent, and why.
+
+    Large chips on a small labelled area give a handful of nearly identical samples, and the
+    validation buffer (half a chip) eats the rest: aim for at least four chips across the
+    shorter side of the labelled extent, between four patches and ``largest``."""
+    h, w = labelled_extent(index)
+    smallest = 4 * patch
+    chip = max(smallest, min(largest, min(h, w) // 4 // patch * patch))
+    return chip, (f"chip size {chip} px: the labels span {h} x {w} px, so about four chips fit across "
+                  f"the shorter side (between {smallest} and {largest} px; set --chip-size to override)")
+
+
+def crop_positions(train: np.ndarray, val: np.ndarray, size: int, step: int) -> np.ndarray:
+    """[N, 2] top-left (row, col) of training crops: every ``step`` pixels, windows of ``size``
+    that hold a training label and no validation pixel. A raster smaller than a crop has one
+    position at 0 on that axis (the crop is padded when read)."""
+    H, W = train.shape
+
+    def starts(length):
+        last = max(length - size, 0)
+        return np.unique(np.append(np.arange(0, last + 1, step), last))
+
+    rr, cc = np.meshgrid(starts(H), starts(W), indexing="ij")
+    rr, cc = rr.ravel(), cc.ravel()
+    labelled = box_count(integral(train >= 0), rr, cc, rr + size, cc + size)
+    held_out = box_count(integral(val >= 0), rr, cc, rr + size, cc + size)
+    keep = (labelled > 0) & (held_out == 0)
+    return np.stack([rr[keep], cc[keep]], axis=1)
 
 
 def band_statistics(stack: RasterStack, pixels: np.ndarray) -> tuple[list[float], list[float]]:

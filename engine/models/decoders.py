@@ -1,5 +1,7 @@
 """Necks and decoders: from the encoder's same-resolution ViT features to per-pixel logits.
 
+``LinearDecoder`` is the light head of a linear probe (the paper's baseline): a per-patch
+linear classifier on the last feature map, up-sampled to the input.
 ``PyramidNeck`` turns the four 1/16 feature maps into a pyramid (1/4, 1/8, 1/16, 1/32) with
 learned up-sampling; ``UNetDecoder`` (the paper's recommended decoder) climbs that pyramid
 and then two more levels fed by a small convolutional stem on the input image itself, so
@@ -77,4 +79,28 @@ class UNetDecoder(nn.Module):
         return self.head(x)
 
 
-DECODERS = {"unet": UNetDecoder}
+class LinearDecoder(nn.Module):
+    """Per-patch linear classifier on the encoder's last feature map (batch-normalised, as in
+    MAE's linear probing), bilinearly up-sampled to the input size. It sees only the frozen
+    encoder's features: no image stem, no pyramid."""
+
+    uses_pyramid = False
+
+    def __init__(self, in_chans: int, feature_channels: list[int], num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(feature_channels[-1], affine=False)
+        self.head = nn.Conv2d(feature_channels[-1], num_classes, 1)
+
+    def forward(self, image: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        logits = self.head(self.norm(features[-1]))
+        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
+UNetDecoder.uses_pyramid = True
+DECODERS = {"unet": UNetDecoder, "linear": LinearDecoder}
+
+
+def default_decoder(method: str) -> str:
+    """The paper's pairing: a linear probe gets the light linear head, every other method the
+    UNet decoder (recommended by the paper)."""
+    return "linear" if method == "linear-probe" else "unet"

@@ -47,6 +47,11 @@ def build_segmentor(backbone: str | BackboneSpec, in_chans: int, chip_size: int,
         raise EngineError(f"the labels hold {num_classes} class(es); segmentation needs at least 2",
                           hint="label at least two classes")
     encoder = ENCODERS[spec.family](spec, in_chans, chip_size)
-    neck = PyramidNeck(encoder.out_channels)
-    head = DECODERS[decoder](in_chans, neck.out_channels, num_classes)
+    head_class = DECODERS[decoder]
+    if head_class.uses_pyramid:
+        neck = PyramidNeck(encoder.out_channels)
+        channels = neck.out_channels
+    else:  # the head reads the encoder's feature maps as they are
+        neck, channels = nn.Identity(), encoder.out_channels
+    head = head_class(in_chans, channels, num_classes)
     return Segmentor(encoder, neck, head)

@@ -28,24 +28,16 @@ class ChipSource:
 
 
 class ChipDataset(Dataset):
-    """Chips on ``windows``; labels outside ``target`` (-1) are ignored by the loss.
+    """Chips on fixed ``windows`` (validation); labels outside ``target`` (-1) are ignored."""
 
-    ``augment``: random D4 flips/rotations and a random shift of up to half the stride, so a
-    small scene still yields varied chips; ``length`` repeats the windows to fill an epoch.
-    """
-
-    def __init__(self, source: ChipSource, windows: list[Window], target: np.ndarray,
-                 augment: bool = False, shift: int = 0, length: int | None = None):
+    def __init__(self, source: ChipSource, windows: list[Window], target: np.ndarray):
         self.source = source
         self.windows = windows
         self.target = target
-        self.augment = augment
-        self.shift = shift
-        self.length = length or len(windows)
         self._stack: RasterStack | None = None
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.windows)
 
     def _read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         if self._stack is None:  # opened lazily, once per worker process
@@ -63,32 +55,40 @@ class ChipDataset(Dataset):
         return x, y
 
     def __getitem__(self, i: int):
-        window = self.windows[i % len(self.windows)]
-        if self.augment and self.shift:
-            H, W = self.target.shape
-            dr, dc = torch.randint(-self.shift, self.shift + 1, (2,)).tolist()
-            r = int(np.clip(window.row_off + dr, min(0, H - window.height), max(0, H - window.height)))
-            c = int(np.clip(window.col_off + dc, min(0, W - window.width), max(0, W - window.width)))
-            window = Window(c, r, window.width, window.height)
-        x, y = self._read(window)
-        if self.augment:
-            k, flip = torch.randint(0, 4, (1,)).item(), torch.randint(0, 2, (1,)).item()
-            x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
-            if flip:
-                x, y = x[:, :, ::-1], y[:, ::-1]
+        x, y = self._read(self.windows[i])
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class RandomCrops(ChipDataset):
+    """Training chips: each item is a crop at a random one of ``positions`` (see
+    ``engine.data.chips.crop_positions``) with a random D4 flip/rotation, so every epoch sees
+    new crops over the whole labelled area instead of the same fixed grid."""
+
+    def __init__(self, source: ChipSource, positions: np.ndarray, target: np.ndarray, size: int, length: int):
+        super().__init__(source, [], target)
+        self.positions = positions
+        self.size = size
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        # torch's generator: seeded per worker by Lightning (seed_everything(workers=True)).
+        r, c = self.positions[torch.randint(len(self.positions), (1,)).item()]
+        x, y = self._read(Window(int(c), int(r), self.size, self.size))
+        k, flip = torch.randint(0, 4, (1,)).item(), torch.randint(0, 2, (1,)).item()
+        x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
+        if flip:
+            x, y = x[:, :, ::-1], y[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 
-def labelled_windows(target: np.ndarray, size: int, stride: int, min_labelled: float) -> list[Window]:
-    """Windows of the tiling rule holding at least ``min_labelled`` of labelled pixels."""
+def labelled_windows(target: np.ndarray, size: int, stride: int) -> list[Window]:
+    """Windows of the tiling rule holding at least one labelled pixel (validation chips)."""
     H, W = target.shape
-    out = []
-    for w in tile_windows(H, W, size, stride):
-        r, c = int(w.row_off), int(w.col_off)
-        frac = (target[r:r + size, c:c + size] >= 0).sum() / float(size * size)
-        if frac >= min_labelled:
-            out.append(w)
-    return out
+    return [w for w in tile_windows(H, W, size, stride)
+            if (target[int(w.row_off):int(w.row_off) + size, int(w.col_off):int(w.col_off) + size] >= 0).any()]
 
 
 class ChipDataModule(L.LightningDataModule):

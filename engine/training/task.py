@@ -6,6 +6,7 @@ import time
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -15,18 +16,29 @@ from engine.tuning import trainable_state_dict
 
 
 class SegmentationTask(L.LightningModule):
-    def __init__(self, model: nn.Module, class_names: list[str], lr: float, weight_decay: float = 0.01):
+    def __init__(self, model: nn.Module, class_names: list[str], lr: float, weight_decay: float = 0.01,
+                 class_weights: list[float] | None = None, monitor: str = "val_miou"):
         super().__init__()
         self.model = model
         self.class_names = class_names
         self.lr = lr
         self.weight_decay = weight_decay
-        self.loss = nn.CrossEntropyLoss(ignore_index=-1)
+        self.monitor = monitor  # what the learning-rate schedule watches: val_miou, or train_loss_epoch
+        self.register_buffer("class_weights", torch.tensor(class_weights or [1.0] * len(class_names)),
+                             persistent=False)
         self.val_confusion = MulticlassConfusionMatrix(len(class_names), ignore_index=-1)
         self.last_val: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Class-weighted cross-entropy over the labelled pixels (-1: no label). A batch without
+        a labelled pixel gives 0 with no gradient, where the library's mean would give NaN."""
+        per_pixel = F.cross_entropy(logits, y, weight=self.class_weights, ignore_index=-1, reduction="sum")
+        labelled = y >= 0
+        total_weight = self.class_weights[y[labelled]].sum()
+        return per_pixel / total_weight.clamp_min(1e-12)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -50,10 +62,12 @@ class SegmentationTask(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        # The paper's schedule: reduce the learning rate when validation stalls.
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=5)
+        # The paper's schedule: reduce the learning rate when validation stalls (the training
+        # loss stands in when nothing is held out).
+        mode = "max" if self.monitor == "val_miou" else "min"
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=5)
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "train_loss_epoch", "interval": "epoch"}}
+                "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor, "interval": "epoch"}}
 
 
 class ProgressEvents(L.Callback):

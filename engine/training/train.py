@@ -9,14 +9,15 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from engine import __version__
 from engine.card import CARD_VERSION, WEIGHTS_FILE, write_card
-from engine.data.chips import band_statistics, spatial_split
+from engine.data.chips import band_statistics
+from engine.models.decoders import default_decoder
 from engine.data.labels import load_labels
 from engine.data.rasters import RasterStack, current_umask
 from engine import protocol
@@ -37,9 +38,8 @@ class TrainConfig:
     backbone: str = "prithvi_eo_v2_tiny"
     weights: str | None = "auto"
     tuning: TuningConfig = field(default_factory=TuningConfig)
-    decoder: str = "unet"
-    chip_size: int = 224
-    stride: int | None = None  # default: half a chip
+    decoder: str = "auto"  # auto: linear for linear-probe, else unet
+    chip_size: int | None = None  # None: chosen from the labelled extent
     epochs: int = 20
     max_time: str | None = None  # "90s", "5m", "1h"
     batch_size: int = 8
@@ -102,6 +102,85 @@ def _band_names(stack: RasterStack, given: list[str] | None, spec, reporter: Rep
     return [f"band {b}" for b in stack.band_indices]
 
 
+@dataclass
+class TrainingData:
+    """Everything ``prepare_data`` derives from the rasters: targets, statistics, datasets."""
+
+    classes: list[dict]
+    train_target: np.ndarray  # int16 [H, W] class index, -1 unlabelled
+    val_target: np.ndarray
+    mean: list[float]
+    std: list[float]
+    grid: object
+    band_indices: list[int]
+    band_names: list[str]
+    source_dtype: str
+    chip_size: int
+    train_set: object
+    val_set: object | None
+    class_weights: list[float]
+    chips_per_epoch: int
+
+
+def class_weights(target: np.ndarray, num_classes: int, reporter: Reporter) -> list[float]:
+    """Inverse square-root frequency weights (mean 1) when the classes are unbalanced (the
+    largest over 3× the smallest), else all 1. A class missing from training gets weight 1."""
+    counts = np.bincount(target[target >= 0].ravel(), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    if counts[present].max() <= 3 * counts[present].min():
+        return [1.0] * num_classes
+    weights = np.ones(num_classes)
+    weights[present] = 1.0 / np.sqrt(counts[present])
+    weights[present] *= present.sum() / weights[present].sum()
+    reporter.info("classes are unbalanced (training pixels " + ", ".join(f"{int(n)}" for n in counts) +
+                  "): the loss weights them " + ", ".join(f"{w:.2f}" for w in weights))
+    return weights.tolist()
+
+
+def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
+    """Read labels, choose the chip size, split, compute statistics and build the datasets."""
+    from engine.data.chips import choose_chip_size, crop_positions, training_split
+    from engine.training.data import ChipDataset, ChipSource, RandomCrops, labelled_windows
+
+    reporter.progress("prepare", 1, 4, "reading image and labels")
+    with RasterStack(cfg.images, cfg.bands) as stack:
+        stack.check_has_data()
+        band_names = _band_names(stack, cfg.band_names, spec, reporter)
+        labels = load_labels(cfg.labels, stack.grid, cfg.label_field, cfg.ignore_index, cfg.classes)
+        if len(labels.classes) < 2:
+            raise EngineError(f"labels {Path(cfg.labels).name} hold only one class "
+                              f"({labels.classes[0]['name']})", hint="label at least two classes")
+        chip = cfg.chip_size
+        if chip is None:
+            chip, why = choose_chip_size(labels.index, spec.patch_size)
+            reporter.info(why)
+        reporter.progress("prepare", 2, 4, "spatial split and normalisation statistics")
+        train_target, val_target = training_split(labels.index, chip, cfg.val_fraction, cfg.seed)
+        mean, std = band_statistics(stack, train_target >= 0)
+        grid, band_indices, source_dtype = stack.grid, stack.band_indices, str(np.dtype(stack.dtype))
+
+    step = max(1, chip // 16)
+    positions = crop_positions(train_target, val_target, chip, step)
+    if not len(positions):
+        raise EngineError("no training chips: the labels leave no labelled pixels for training once "
+                          "the validation blocks and their buffer (half a chip) are set aside",
+                          hint="label more of the image, lower --val-fraction, or pass --val-fraction 0")
+    val_windows = labelled_windows(val_target, chip, chip)
+    source = ChipSource([str(p) for p in cfg.images], band_indices, mean, std)
+    train_pixels = int((train_target >= 0).sum())
+    # Each labelled pixel falls in about four crops per epoch; at least eight batches.
+    per_epoch = cfg.chips_per_epoch or max(8 * cfg.batch_size, math.ceil(4 * train_pixels / chip ** 2))
+    train_set = RandomCrops(source, positions, train_target, chip, per_epoch)
+    val_set = ChipDataset(source, val_windows, val_target) if val_windows else None
+    reporter.info(f"{len(labels.classes)} classes; {train_pixels} training / {int((val_target >= 0).sum())} "
+                  f"validation pixels (validation in blocks of {2 * chip} px, training labels kept "
+                  f"{chip // 2} px away from them); {per_epoch} random {chip} px crops per epoch from "
+                  f"{len(positions)} positions, {len(val_windows)} validation chips")
+    weights = class_weights(train_target, len(labels.classes), reporter)
+    return TrainingData(labels.classes, train_target, val_target, mean, std, grid, band_indices, band_names,
+                        source_dtype, chip, train_set, val_set, weights, per_epoch)
+
+
 def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     """Train and write the model folder ``cfg.out``. Returns the summary of the ``done`` event."""
     reporter = reporter or Reporter("quiet")
@@ -117,40 +196,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
                           hint="choose a new or empty --out folder (an earlier model folder is replaced)")
     if not 0 <= cfg.val_fraction < 1:
         raise EngineError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
-    stride = cfg.stride or cfg.chip_size // 2
-
-    reporter.progress("prepare", 1, 4, "reading image and labels")
-    with RasterStack(cfg.images, cfg.bands) as stack:
-        stack.check_has_data()
-        band_names = _band_names(stack, cfg.band_names, spec, reporter)
-        labels = load_labels(cfg.labels, stack.grid, cfg.label_field, cfg.ignore_index, cfg.classes)
-        if len(labels.classes) < 2:
-            raise EngineError(f"labels {Path(cfg.labels).name} hold only one class "
-                              f"({labels.classes[0]['name']})", hint="label at least two classes")
-        reporter.progress("prepare", 2, 4, "spatial split and normalisation statistics")
-        val_mask = spatial_split(labels.index, cfg.chip_size, cfg.val_fraction, cfg.seed)
-        train_target = np.where(val_mask, -1, labels.index).astype(np.int16)
-        val_target = np.where(val_mask, labels.index, -1).astype(np.int16)
-        mean, std = band_statistics(stack, train_target >= 0)
-        grid = stack.grid
-        band_indices = stack.band_indices
-        source_dtype = stack.dtype
-
-    from engine.training.data import ChipDataModule, ChipDataset, ChipSource, labelled_windows
-    train_windows = labelled_windows(train_target, cfg.chip_size, stride, 0.02) or \
-        labelled_windows(train_target, cfg.chip_size, stride, 1e-9)
-    val_windows = labelled_windows(val_target, cfg.chip_size, cfg.chip_size, 1e-9) if val_mask.any() else []
-    if not train_windows:
-        raise EngineError("no training chips: the labels leave no labelled pixels for training",
-                          hint="label more of the image or lower --val-fraction")
-    source = ChipSource([str(p) for p in cfg.images], band_indices, mean, std)
-    per_epoch = cfg.chips_per_epoch or max(len(train_windows), 8 * cfg.batch_size)
-    train_set = ChipDataset(source, train_windows, train_target, augment=True, shift=stride // 2,
-                            length=per_epoch)
-    val_set = ChipDataset(source, val_windows, val_target) if val_windows else None
-    reporter.info(f"{len(labels.classes)} classes; {len(train_windows)} training windows "
-                  f"({per_epoch} chips per epoch), {len(val_windows)} validation chips; "
-                  f"{int((train_target >= 0).sum())} training / {int((val_target >= 0).sum())} validation pixels")
+    data = prepare_data(cfg, spec, reporter)
 
     reporter.progress("prepare", 3, 4, "building the model")
     import lightning as L
@@ -168,22 +214,29 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     accelerator, precision = resolve_accelerator(cfg.device, cfg.precision)
-    model = build_segmentor(spec, len(band_indices), cfg.chip_size, len(labels.classes), cfg.decoder)
+    decoder = default_decoder(cfg.tuning.method) if cfg.decoder == "auto" else cfg.decoder
+    model = build_segmentor(spec, len(data.band_indices), data.chip_size, len(data.classes), decoder)
     weights_path = resolve_weights(spec, cfg.weights, reporter)
-    loaded = load_backbone_weights(model.encoder, spec, weights_path, band_names, reporter)
+    loaded = load_backbone_weights(model.encoder, spec, weights_path, data.band_names, reporter)
     if weights_path is not None and cfg.weights in ("hub", "auto"):
         loaded.source = "hub"
-    apply_tuning(model, cfg.tuning)
+    # Fresh band columns of the patch embedding must train and be saved with the model.
+    tuning = replace(cfg.tuning, patch_embed=bool(loaded.fresh_bands))
+    apply_tuning(model, tuning)
     counts = count_parameters(model)
-    reporter.info(f"{spec.name} + {cfg.decoder}, tuning {cfg.tuning.method}: {counts['trainable']:,} of "
-                  f"{counts['total']:,} parameters train; {accelerator}, precision {precision}")
+    reporter.info(f"{spec.name} + {decoder}, tuning {tuning.method}"
+                  f"{' (and the patch embedding, for the fresh bands)' if tuning.patch_embed else ''}: "
+                  f"{counts['trainable']:,} of {counts['total']:,} parameters train; {accelerator}, "
+                  f"precision {precision}")
 
-    task = SegmentationTask(model, [c["name"] for c in labels.classes], cfg.lr)
-    datamodule = ChipDataModule(train_set, val_set, cfg.batch_size, cfg.workers)
-    steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
+    from engine.training.data import ChipDataModule
+    task = SegmentationTask(model, [c["name"] for c in data.classes], cfg.lr, class_weights=data.class_weights,
+                            monitor="val_miou" if data.val_set is not None else "train_loss_epoch")
+    datamodule = ChipDataModule(data.train_set, data.val_set, cfg.batch_size, cfg.workers)
+    steps_per_epoch = math.ceil(data.chips_per_epoch / cfg.batch_size)
     total_steps = None if max_seconds and cfg.epochs >= 1000 else steps_per_epoch * cfg.epochs
     progress = ProgressEvents(reporter, total_steps, max_seconds)
-    keep = KeepBest(has_validation=val_set is not None, include_frozen=loaded.source == "random")
+    keep = KeepBest(has_validation=data.val_set is not None, include_frozen=loaded.source == "random")
     workdir = tempfile.mkdtemp(prefix="geopeft-train-")
     trainer = L.Trainer(
         accelerator=accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
@@ -214,23 +267,23 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
         "engine_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "backbone": {"name": spec.name, "weights": loaded.as_card(), "licence": spec.licence},
-        "decoder": cfg.decoder,
-        "tuning": cfg.tuning.as_dict(),
-        "input": {"bands": band_indices, "band_names": band_names, "num_images": len(cfg.images),
-                  "mean": mean, "std": std, "dtype": "float32", "source_dtype": str(np.dtype(source_dtype)),
+        "decoder": decoder,
+        "tuning": tuning.as_dict(),
+        "input": {"bands": data.band_indices, "band_names": data.band_names, "num_images": len(cfg.images),
+                  "mean": data.mean, "std": data.std, "dtype": "float32", "source_dtype": data.source_dtype,
                   "nodata": "pixels nodata in any selected band are not predicted"},
-        "classes": labels.classes,
-        "chip_size": cfg.chip_size,
-        "stride": stride,
-        "grid": {"crs": grid.crs.to_wkt() if grid.crs else None, "width": grid.width, "height": grid.height,
-                 "transform": list(grid.transform)[:6]},
+        "classes": data.classes,
+        "chip_size": data.chip_size,
+        "grid": {"crs": data.grid.crs.to_wkt() if data.grid.crs else None, "width": data.grid.width,
+                 "height": data.grid.height, "transform": list(data.grid.transform)[:6]},
         "training": {
             "epochs": trainer.current_epoch,
             "best_epoch": keep.best_epoch,
             "best_val_miou": keep.best_val["miou"] if keep.best_val else None,
             "val_per_class": keep.best_val["per_class"] if keep.best_val else None,
             "steps": trainer.global_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "seed": cfg.seed, "val_fraction": cfg.val_fraction, "accelerator": accelerator,
+            "seed": cfg.seed, "val_fraction": cfg.val_fraction, "class_weights": data.class_weights,
+            "chips_per_epoch": data.chips_per_epoch, "accelerator": accelerator,
             "precision": precision, "duration_s": round(time.monotonic() - started, 1),
             "cancelled": reporter.cancelled, "parameters": counts,
             "images": [str(Path(p).resolve()) for p in cfg.images],

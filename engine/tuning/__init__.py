@@ -2,9 +2,13 @@
 
 - ``lora`` / ``dora``: Hugging Face peft adapters on q, v, mlp.fc1 and mlp.fc2 of every
   encoder block (the paper's targets; r = α = 16); the backbone stays frozen.
-- ``linear-probe``: the backbone stays frozen; only neck and decoder train.
+- ``linear-probe``: the backbone stays frozen; only the light linear head trains (the paper's
+  baseline; training picks the ``linear`` decoder for it).
 - ``full``: everything trains.
-Neck and decoder always train. ``merge`` folds adapters into plain Linear layers for export.
+Neck and decoder always train. When some input bands have no pretrained counterpart
+(``patch_embed``), the patch embedding trains too: its fresh columns would otherwise stay at
+their random start, and they must be saved so a reloaded model is the trained one.
+``merge`` folds adapters into plain Linear layers for export.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class TuningConfig:
     alpha: int = 16  # LoRA scaling α
     dropout: float = 0.0
     target_modules: str = field(default=LORA_TARGETS)
+    patch_embed: bool = False  # train (and save) the patch embedding: set when bands are fresh
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +52,7 @@ def apply_tuning(model: nn.Module, cfg: TuningConfig) -> nn.Module:
     for name, p in model.encoder.named_parameters():
         if "lora_" in name:
             p.requires_grad_(True)
+    model.encoder.patch_embed.requires_grad_(cfg.patch_embed)
     model.neck.requires_grad_(True)
     model.decoder.requires_grad_(True)
     return model
@@ -58,12 +64,18 @@ def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict
     ``include_frozen``: everything, for a backbone that started from random weights (no file
     to reference, so it must travel with the model)."""
     if include_frozen:
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        return {k: _copy(v) for k, v in model.state_dict().items()}
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     # BatchNorm running statistics of trained modules change too.
     buffers = {n for n, _ in model.named_buffers()
                if n.rsplit(".", 1)[0] in {m.rsplit(".", 1)[0] for m in names}}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names | buffers}
+    return {k: _copy(v) for k, v in model.state_dict().items() if k in names | buffers}
+
+
+def _copy(tensor) -> "torch.Tensor":
+    """A snapshot on the CPU that later optimiser steps cannot touch (``.cpu()`` alone returns
+    the live storage of a CPU tensor)."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
 
 
 def merge(model: nn.Module) -> nn.Module:
