@@ -185,7 +185,9 @@ def cmd_demo(a, reporter: Reporter) -> dict:
 
 
 def cmd_models(a, reporter: Reporter) -> dict:
+    from engine.models.decoders import DECODERS  # torch: imported here, never at module import
     from engine.models.registry import BACKBONES, BAND_ALIASES
+    from engine.tuning import METHODS
 
     rows = [{"name": s.name, "embed_dim": s.embed_dim, "depth": s.depth, "patch": s.patch_size,
              "bands": list(s.bands), "hub": f"{s.hub_repo}/{s.hub_file}"} for s in BACKBONES.values()]
@@ -195,7 +197,10 @@ def cmd_models(a, reporter: Reporter) -> dict:
     # band_aliases: the names users' bands carry -> the models' band names (the table
     # canonical_band uses after upper-casing and replacing '-' by '_'), so callers such as the
     # QGIS plugin can show which bands will match without a copy of the table.
-    return {"models": rows, "band_aliases": dict(BAND_ALIASES)}
+    # tuning_methods and decoders: the choices `train` accepts, "auto" (its default) first.
+    return {"models": rows, "band_aliases": dict(BAND_ALIASES),
+            "tuning_methods": ["auto", *(m for m in METHODS if m != "auto")],
+            "decoders": ["auto", *(d for d in DECODERS if d != "auto")]}
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export, "evaluate": cmd_evaluate,
