@@ -4,6 +4,7 @@ a raster a trained model needs.
 The matching rule is the engine's (``engine/models/registry.py`` ``canonical_band``: upper case,
 '-' -> '_', then the alias table). The models' bands and the alias table come from the engine
 itself (``engine models``: ``models[].bands`` and ``band_aliases``); nothing is copied here.
+The same answer carries the engine's ``tuning_methods`` and ``decoders`` for the Train dialog.
 Qt-free.
 """
 from __future__ import annotations
@@ -16,16 +17,21 @@ from .engine_client import run_engine
 
 @dataclass(frozen=True)
 class ModelsInfo:
-    """What ``engine models`` reports: each model's pretrained bands, and the band aliases."""
+    """What ``engine models`` reports: each model's pretrained bands, the band aliases, and the
+    tuning methods and decoders ``train`` accepts (empty from an engine that does not say)."""
 
     bands: dict[str, list[str]] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    tuning_methods: tuple[str, ...] = ()
+    decoders: tuple[str, ...] = ()
 
     @classmethod
     def from_summary(cls, done: dict) -> "ModelsInfo":
         return cls(bands={m["name"]: [str(b) for b in m.get("bands") or []]
                           for m in done.get("models") or []},
-                   aliases={str(k): str(v) for k, v in (done.get("band_aliases") or {}).items()})
+                   aliases={str(k): str(v) for k, v in (done.get("band_aliases") or {}).items()},
+                   tuning_methods=tuple(str(m) for m in done.get("tuning_methods") or ()),
+                   decoders=tuple(str(d) for d in done.get("decoders") or ()))
 
     def canonical(self, name: str) -> str:
         key = (name or "").strip().upper().replace("-", "_")

@@ -21,8 +21,17 @@ PATCH_SIZES = {
     "prithvi_eo_v1_100": 16,
 }
 BACKBONES = tuple(PATCH_SIZES)
-TUNING_METHODS = ("lora", "dora", "full", "linear-probe")
-DECODERS = ("unet",)
+# The choices `train` accepts, as `engine models` reports them ("auto", the engine's default,
+# first). Dialogs use the engine's lists when it has answered; these are the offline fallback
+# (a test keeps them equal to the engine's).
+TUNING_METHODS = ("auto", "lora", "dora", "full", "linear-probe")
+DECODERS = ("auto", "unet", "linear")
+# How dialogs and Processing show them; a choice a newer engine adds shows under its own name.
+TUNING_LABELS = {"auto": "Automatic (LoRA with pretrained weights, else full)", "lora": "LoRA",
+                 "dora": "DoRA", "full": "Full fine-tuning",
+                 "linear-probe": "Linear probe (frozen backbone)"}
+DECODER_LABELS = {"auto": "Automatic (linear head for linear probe, else UNet)", "unet": "UNet",
+                  "linear": "Linear head (light)"}
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -33,6 +42,8 @@ def _num(value: float) -> str:
 
 @dataclass
 class TrainConfig:
+    """None (and "auto") leave the choice to the engine: the plugin never copies its defaults."""
+
     images: list[str]
     labels: str
     out: str
@@ -43,15 +54,14 @@ class TrainConfig:
     ignore_index: int | None = None
     backbone: str = "prithvi_eo_v2_tiny"
     weights: str = "auto"  # a path, "auto" (download/cache) or "none" (random init)
-    tuning: str = "lora"
-    decoder: str = "unet"
-    chip_size: int = 224
-    stride: int | None = None
-    epochs: int | None = 20
+    tuning: str = "auto"  # auto: LoRA on pretrained weights, full fine-tuning on random ones
+    decoder: str = "auto"  # auto: linear head for linear-probe, else UNet
+    chip_size: int | None = None  # None: chosen by the engine from the labelled extent
+    epochs: int | None = None  # None: the engine's default
     max_time: str | None = None  # "90s", "5m", "1h"
     batch_size: int = 8
-    lr: float = 1e-3
-    val_fraction: float = 0.2
+    lr: float | None = None  # None: the engine's default for the tuning method
+    val_fraction: float | None = None
     device: str = "auto"
     seed: int | None = None
 
@@ -97,16 +107,21 @@ def train_args(c: TrainConfig) -> list[str]:
         args += ["--classes", classes_json(c.classes)]
     if c.ignore_index is not None:
         args += ["--ignore-index", str(c.ignore_index)]
-    args += ["--backbone", c.backbone, "--weights", c.weights or "auto",
-             "--tuning", c.tuning, "--decoder", c.decoder, "--chip-size", str(c.chip_size)]
-    if c.stride:
-        args += ["--stride", str(c.stride)]
+    args += ["--backbone", c.backbone, "--weights", c.weights or "auto", "--tuning", c.tuning or "auto"]
+    if c.decoder and c.decoder != "auto":
+        args += ["--decoder", c.decoder]
+    if c.chip_size:
+        args += ["--chip-size", str(c.chip_size)]
     if c.epochs:
         args += ["--epochs", str(c.epochs)]
     if c.max_time:
         args += ["--max-time", c.max_time]
-    args += ["--batch-size", str(c.batch_size), "--lr", _num(c.lr),
-             "--val-fraction", _num(c.val_fraction), "--device", c.device]
+    args += ["--batch-size", str(c.batch_size)]
+    if c.lr:
+        args += ["--lr", _num(c.lr)]
+    if c.val_fraction is not None:
+        args += ["--val-fraction", _num(c.val_fraction)]
+    args += ["--device", c.device]
     if c.seed is not None:
         args += ["--seed", str(c.seed)]
     args += ["--out", c.out]
@@ -197,8 +212,9 @@ def read_card(path: str) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def validate_train(c: TrainConfig) -> list[str]:
-    """Problems with a training configuration that the user can fix before starting."""
+def validate_train(c: TrainConfig, tuning_methods=TUNING_METHODS, decoders=DECODERS) -> list[str]:
+    """Problems with a training configuration that the user can fix before starting.
+    ``tuning_methods`` and ``decoders``: the engine's lists when it reported them."""
     problems = []
     if not c.images:
         problems.append("Choose at least one input raster.")
@@ -213,21 +229,24 @@ def validate_train(c: TrainConfig) -> list[str]:
         problems.append("Each band can be used only once.")
     if c.backbone not in BACKBONES:
         problems.append(f"Unknown foundation model {c.backbone!r}.")
-    if c.tuning not in TUNING_METHODS:
+    if c.tuning not in tuning_methods:
         problems.append(f"Unknown tuning method {c.tuning!r}.")
+    if c.decoder not in decoders:
+        problems.append(f"Unknown decoder {c.decoder!r}.")
     if c.weights not in ("auto", "none") and not os.path.isfile(c.weights):
         problems.append(f"Weights file not found: {c.weights}")
     patch = PATCH_SIZES.get(c.backbone, 16)
-    if c.chip_size < patch or c.chip_size % patch:
-        problems.append(f"Chip size must be a multiple of {patch} (the patch size of {c.backbone}).")
-    if not c.epochs and not c.max_time:
-        problems.append("Set a number of epochs or a time budget.")
+    if c.chip_size is not None and (c.chip_size < patch or c.chip_size % patch):
+        problems.append(f"Chip size must be a multiple of {patch} (the patch size of {c.backbone}), "
+                        "or automatic.")
     if c.max_time and parse_duration(c.max_time) is None:
         problems.append(f"Time budget {c.max_time!r} is not a duration such as 90s, 5m or 1h.")
     if c.batch_size < 1:
         problems.append("Batch size must be at least 1.")
-    if not 0 < c.lr < 1:
+    if c.lr is not None and not 0 < c.lr < 1:
         problems.append("Learning rate must be between 0 and 1.")
+    if c.val_fraction is not None and not 0 < c.val_fraction < 1:
+        problems.append("The validation share must be between 0 and 1.")
     if c.device not in DEVICES:
         problems.append(f"Unknown device {c.device!r}.")
     if not c.out:

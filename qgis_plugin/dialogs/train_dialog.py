@@ -29,8 +29,8 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from .. import settings
-from ..core.commands import (BACKBONES, DECODERS, DEVICES, TUNING_METHODS,
-                             TrainConfig, train_args, validate_train)
+from ..core.commands import (BACKBONES, DECODER_LABELS, DECODERS, DEVICES, PATCH_SIZES,
+                             TUNING_LABELS, TUNING_METHODS, TrainConfig, train_args, validate_train)
 from ..core.rasterinfo import band_descriptions, grid_problems
 from ..icons import icon
 from ..labels import LabelsError, ignore_index, label_values, negative_values_warning, raster_label_classes
@@ -44,8 +44,9 @@ from .engine_info import request_models_info
 from .messages import MessagePanel, show_error, show_problems
 from .task import EngineTask, log
 
-TUNING_LABELS = {"lora": "LoRA (recommended)", "dora": "DoRA", "full": "Full fine-tuning",
-                 "linear-probe": "Linear probe (frozen backbone)"}
+AUTO_CHIP = "Automatic (from the labelled area)"
+AUTO_EPOCHS = "Automatic"
+AUTO_LR = "Automatic (by tuning method)"
 WEIGHTS_CHOICES = (("auto", "Pretrained (downloaded automatically)"),
                    ("none", "Random initialisation (no pretraining)"),
                    ("file", "From file…"))
@@ -140,29 +141,40 @@ class TrainDialog(QDialog):
         mform.addRow("Weights", self.weights)
         mform.addRow("Weights file", self.weights_file)
         self.tuning = QComboBox()
-        for method in TUNING_METHODS:
-            self.tuning.addItem(TUNING_LABELS.get(method, method), method)
+        set_choices(self.tuning, TUNING_METHODS, TUNING_LABELS)
+        self.tuning.setToolTip("How the foundation model is fine-tuned. Automatic: LoRA when it "
+                               "starts from pretrained weights, full fine-tuning from random ones.")
         self.tuning.currentIndexChanged.connect(lambda *_: self._suggest_output())
         mform.addRow("Tuning method", self.tuning)
         self.decoder = QComboBox()
-        self.decoder.addItems(DECODERS)
+        set_choices(self.decoder, DECODERS, DECODER_LABELS)
+        self.decoder.setToolTip("The segmentation head. Automatic: a light linear head for a linear "
+                                "probe, a UNet for every other method.")
         mform.addRow("Decoder", self.decoder)
 
         training = QGroupBox("Training")
         tform = QFormLayout(training)
         self.chip_size = QSpinBox()
-        self.chip_size.setRange(16, 2048)
-        self.chip_size.setSingleStep(16)
-        self.chip_size.setValue(224)
+        self.chip_size.setRange(0, 2048)  # 0: automatic
+        self.chip_size.setSpecialValueText(AUTO_CHIP)
+        self.chip_size.setValue(0)
         self.chip_size.setSuffix(" px")
+        self.chip_size.setToolTip("Size of the square crops training samples. Automatic: chosen by "
+                                  "the engine from the extent of the labels. A set size must be a "
+                                  "multiple of the model's patch size.")
+        self._set_chip_step(self.backbone.currentText())
+        self.backbone.currentTextChanged.connect(self._set_chip_step)
         tform.addRow("Chip size", self.chip_size)
         budget = QWidget()
         row = QHBoxLayout(budget)
         row.setContentsMargins(0, 0, 0, 0)
         self.epochs = QSpinBox()
-        self.epochs.setRange(1, 10000)
-        self.epochs.setValue(20)
+        self.epochs.setRange(0, 10000)  # 0: the engine's default
+        self.epochs.setSpecialValueText(AUTO_EPOCHS)
+        self.epochs.setValue(0)
         self.epochs.setSuffix(" epochs")
+        self.epochs.setToolTip("Training stops after these epochs or the time budget, whichever "
+                               "comes first. Automatic: the engine's default number of epochs.")
         self.max_time = QLineEdit()
         self.max_time.setPlaceholderText("time budget, e.g. 30m (optional)")
         row.addWidget(self.epochs)
@@ -174,9 +186,11 @@ class TrainDialog(QDialog):
         tform.addRow("Batch size", self.batch_size)
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(6)
-        self.lr.setRange(0.000001, 1.0)
+        self.lr.setRange(0.0, 0.999999)  # 0: the engine's default for the tuning method
+        self.lr.setSpecialValueText(AUTO_LR)
         self.lr.setSingleStep(0.00005)
-        self.lr.setValue(0.001)
+        self.lr.setValue(0.0)
+        self.lr.setToolTip("Automatic: the engine picks the learning rate for the tuning method.")
         tform.addRow("Learning rate", self.lr)
         self.device = QComboBox()
         for device in DEVICES:
@@ -293,6 +307,15 @@ class TrainDialog(QDialog):
     def _models_info_arrived(self, info, error: str) -> None:
         self._models_task = None
         self.band_table.set_model(self.backbone.currentText(), info, error)
+        if info is not None:  # the engine's own lists; an engine that does not say keeps ours
+            if info.tuning_methods:
+                set_choices(self.tuning, info.tuning_methods, TUNING_LABELS)
+            if info.decoders:
+                set_choices(self.decoder, info.decoders, DECODER_LABELS)
+
+    def _set_chip_step(self, backbone: str) -> None:
+        """The arrows step through multiples of the model's patch size."""
+        self.chip_size.setSingleStep(PATCH_SIZES.get(backbone, 16))
 
     def _suggest_output(self) -> None:
         """A new folder in the models folder, until the analyst picks one."""
@@ -300,7 +323,8 @@ class TrainDialog(QDialog):
         if current and current != self._auto_out:
             return
         layers = self.checked_rasters()
-        stem = f"{layers[0].name() if layers else 'model'}_{self.tuning.currentData()}"
+        method = self.tuning.currentData()
+        stem = (layers[0].name() if layers else "model") + (f"_{method}" if method != "auto" else "")
         self._auto_out = new_model_folder(stem)
         self.out.setFilePath(self._auto_out)
 
@@ -408,12 +432,12 @@ class TrainDialog(QDialog):
             backbone=self.backbone.currentText(),
             weights=weights,
             tuning=self.tuning.currentData(),
-            decoder=self.decoder.currentText(),
-            chip_size=self.chip_size.value(),
-            epochs=self.epochs.value(),
+            decoder=self.decoder.currentData(),
+            chip_size=self.chip_size.value() or None,  # 0: automatic
+            epochs=self.epochs.value() or None,
             max_time=self.max_time.text().strip() or None,
             batch_size=self.batch_size.value(),
-            lr=self.lr.value(),
+            lr=self.lr.value() or None,
             device=self.device.currentData(),
             out=self.out.filePath().strip(),
         )
@@ -447,10 +471,11 @@ class TrainDialog(QDialog):
             problems.append(str(exc))
             config = None
         if config is not None:
-            problems += [p for p in validate_train(config) if p not in problems]
+            problems += [p for p in validate_train(config, choices(self.tuning), choices(self.decoder))
+                         if p not in problems]
             problems += grid_problems(config.images)
             layers = self.checked_rasters()
-            if layers:
+            if layers and config.chip_size:
                 smallest = min(min(layer.width(), layer.height()) for layer in layers)
                 if config.chip_size > smallest:
                     problems.append(f"Chip size {config.chip_size} px is larger than the raster "
@@ -578,3 +603,19 @@ class TrainDialog(QDialog):
     def closeEvent(self, event):  # noqa: N802 - Qt API
         # the task keeps running in QGIS's task manager (with its own cancel button)
         super().closeEvent(event)
+
+
+def set_choices(combo: QComboBox, values, labels: dict[str, str]) -> None:
+    """Fill ``combo`` with ``values`` (item data) under their labels, keeping the current choice."""
+    current = combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    for value in values:
+        combo.addItem(labels.get(value, value), value)
+    combo.blockSignals(False)
+    index = combo.findData(current)
+    combo.setCurrentIndex(index if index >= 0 else 0)
+
+
+def choices(combo: QComboBox) -> list[str]:
+    return [combo.itemData(i) for i in range(combo.count())]

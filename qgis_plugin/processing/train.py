@@ -19,8 +19,8 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from ..core.commands import (BACKBONES, DECODERS, DEVICES, TUNING_METHODS, TrainConfig,
-                             parse_bands, train_args, validate_train)
+from ..core.commands import (BACKBONES, DECODER_LABELS, DECODERS, DEVICES, TUNING_LABELS,
+                             TUNING_METHODS, TrainConfig, parse_bands, train_args, validate_train)
 from ..core.rasterinfo import grid_problems
 from ..labels import raster_label_classes
 from ..styling import classes_from_vector_layer, normalise_classes
@@ -74,6 +74,13 @@ class TrainAlgorithm(EngineAlgorithm):
             "(JSON: [{\"value\": 1, \"name\": \"water\", \"colour\": \"#1f78b4\"}]). "
             "<b>Ignore value</b>: a label value meaning \"no label\"; empty: the raster's "
             "no-data values, including one set in QGIS (Layer Properties ▸ Transparency).\n\n"
+            "<b>Tuning method</b>, <b>Decoder</b>, <b>Chip size</b>, <b>Epochs</b> and "
+            "<b>Learning rate</b> are chosen by the engine unless set: tuning auto is LoRA on "
+            "pretrained weights and full fine-tuning on random ones; decoder auto is a light "
+            "linear head for linear-probe and a UNet otherwise; the chip size follows the "
+            "extent of the labels (a set size is a multiple of the model's patch size); the "
+            "learning rate follows the tuning method. Training stops at the epochs or the time "
+            "budget, whichever comes first.\n\n"
             "<b>Output</b>: a model folder (card.json + adapter.safetensors) for the Predict "
             "and Export ONNX algorithms. Cancelling keeps the best weights validated so far; "
             "a run cancelled before its first validation leaves nothing behind.")
@@ -91,13 +98,15 @@ class TrainAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(
             self.BACKBONE, self.tr("Foundation model"), options=list(BACKBONES), defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum(
-            self.TUNING, self.tr("Tuning method"), options=list(TUNING_METHODS), defaultValue=0))
+            self.TUNING, self.tr("Tuning method"),
+            options=[TUNING_LABELS.get(m, m) for m in TUNING_METHODS],
+            defaultValue=TUNING_METHODS.index("auto")))
         self.addParameter(QgsProcessingParameterNumber(
-            self.CHIP_SIZE, self.tr("Chip size (pixels)"), QgsProcessingParameterNumber.Integer,
-            defaultValue=224, minValue=16, maxValue=4096))
+            self.CHIP_SIZE, self.tr("Chip size (pixels; empty: automatic, from the labelled area)"),
+            QgsProcessingParameterNumber.Integer, optional=True, minValue=14, maxValue=4096))
         self.addParameter(QgsProcessingParameterNumber(
-            self.EPOCHS, self.tr("Epochs"), QgsProcessingParameterNumber.Integer,
-            defaultValue=20, minValue=1, maxValue=10000))
+            self.EPOCHS, self.tr("Epochs (empty: the engine's default)"),
+            QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=10000))
         advanced = [
             QgsProcessingParameterBoolean(
                 self.PRETRAINED, self.tr("Start from pretrained weights (off: random, for tests)"),
@@ -109,7 +118,8 @@ class TrainAlgorithm(EngineAlgorithm):
                 self.CLASSES, self.tr("Classes (JSON list of value, name, colour; empty: from "
                                       "the labels)"), optional=True, multiLine=True),
             QgsProcessingParameterEnum(
-                self.DECODER, self.tr("Decoder"), options=list(DECODERS), defaultValue=0),
+                self.DECODER, self.tr("Decoder"), options=[DECODER_LABELS.get(d, d) for d in DECODERS],
+                defaultValue=DECODERS.index("auto")),
             QgsProcessingParameterString(
                 self.MAX_TIME, self.tr("Time budget (e.g. 90s, 5m, 1h; empty: none)"),
                 optional=True, defaultValue=""),
@@ -117,8 +127,8 @@ class TrainAlgorithm(EngineAlgorithm):
                 self.BATCH_SIZE, self.tr("Batch size"), QgsProcessingParameterNumber.Integer,
                 defaultValue=8, minValue=1, maxValue=1024),
             QgsProcessingParameterNumber(
-                self.LEARNING_RATE, self.tr("Learning rate"), QgsProcessingParameterNumber.Double,
-                defaultValue=1e-3, minValue=1e-7, maxValue=1.0),
+                self.LEARNING_RATE, self.tr("Learning rate (empty: automatic, by tuning method)"),
+                QgsProcessingParameterNumber.Double, optional=True, minValue=1e-7, maxValue=1.0),
             QgsProcessingParameterEnum(
                 self.DEVICE, self.tr("Device"), options=list(DEVICES), defaultValue=0),
             QgsProcessingParameterNumber(
@@ -161,7 +171,6 @@ class TrainAlgorithm(EngineAlgorithm):
         pretrained = self.parameterAsBoolean(parameters, self.PRETRAINED, context)
         weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
         max_time = self.parameterAsString(parameters, self.MAX_TIME, context).strip() or None
-        seed = parameters.get(self.SEED)
         return TrainConfig(
             images=images, bands=bands, band_names=names,
             labels=labels.path, label_field=labels.field, ignore_index=labels.ignore_index,
@@ -170,15 +179,22 @@ class TrainAlgorithm(EngineAlgorithm):
             weights=weights if pretrained and weights else ("auto" if pretrained else "none"),
             tuning=TUNING_METHODS[self.parameterAsEnum(parameters, self.TUNING, context)],
             decoder=DECODERS[self.parameterAsEnum(parameters, self.DECODER, context)],
-            chip_size=self.parameterAsInt(parameters, self.CHIP_SIZE, context),
-            epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
+            chip_size=self.optional_number(parameters, self.CHIP_SIZE, context, self.parameterAsInt),
+            epochs=self.optional_number(parameters, self.EPOCHS, context, self.parameterAsInt),
             max_time=max_time,
             batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-            lr=self.parameterAsDouble(parameters, self.LEARNING_RATE, context),
+            lr=self.optional_number(parameters, self.LEARNING_RATE, context, self.parameterAsDouble),
             device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-            seed=None if seed in (None, "") else self.parameterAsInt(parameters, self.SEED, context),
+            seed=self.optional_number(parameters, self.SEED, context, self.parameterAsInt),
             out=self.parameterAsString(parameters, self.OUTPUT, context),
         )
+
+    @staticmethod
+    def optional_number(parameters, name, context, read):
+        """An optional number parameter: None when not set (the engine then decides)."""
+        value = parameters.get(name)
+        unset = value is None or value == "" or getattr(value, "isNull", lambda: False)()  # NULL
+        return None if unset else read(parameters, name, context)
 
     def classes(self, parameters, context, labels) -> list[dict]:
         """CLASSES when given, else the classes of the labels layer."""

@@ -80,7 +80,6 @@ def main(argv=None) -> int:
     train.band_table.tick_matching()
     train.class_table.set_name(0, "not water")
     train.class_table.set_name(1, "water")
-    train.epochs.setValue(20)
     train.max_time.setText("30m")
     train.out.setFilePath("/home/analyst/floods/models/S2Hand_lora")
     grab(train, "train-dialog.png")

@@ -107,9 +107,63 @@ def test_train_dialog_builds_the_engine_command(train_dialog, project, data, tmp
         "train", "--image", str(data["scene"]), "--bands", "1,2,3,4",
         "--labels", str(data["labels_gpkg"]), "--label-field", "class_id", "--classes", "CLASSES",
         "--backbone", "prithvi_eo_v2_tiny", "--weights", "none", "--tuning", "dora",
-        "--decoder", "unet", "--chip-size", "64", "--epochs", "3", "--max-time", "5m",
-        "--batch-size", "4", "--lr", "0.0005", "--val-fraction", "0.2", "--device", "cpu",
+        "--chip-size", "64", "--epochs", "3", "--max-time", "5m",
+        "--batch-size", "4", "--lr", "0.0005", "--device", "cpu",
         "--out", str(tmp_path / "model")]
+
+
+def test_train_dialog_leaves_the_automatic_choices_to_the_engine(train_dialog, tmp_path):
+    """Tuning, decoder, chip size, epochs and learning rate start automatic: the command passes
+    --tuning auto and nothing for the rest, so the engine's own defaults apply."""
+    d = train_dialog
+    d.out.setFilePath(str(tmp_path / "model"))
+    assert d.tuning.currentData() == "auto" and d.tuning.currentText().startswith("Automatic")
+    assert d.decoder.currentData() == "auto" and d.decoder.currentText().startswith("Automatic")
+    assert d.chip_size.text() == "Automatic (from the labelled area)"
+    assert d.epochs.text() == "Automatic" and d.lr.text().startswith("Automatic")
+    assert d.validate() == []
+    args = d.command()
+    assert args[args.index("--tuning") + 1] == "auto"
+    for flag in ("--chip-size", "--decoder", "--epochs", "--lr", "--stride", "--val-fraction"):
+        assert flag not in args, flag
+    # set by the analyst: passed as set
+    d.chip_size.setValue(96)
+    d.decoder.setCurrentIndex(d.decoder.findData("linear"))
+    d.tuning.setCurrentIndex(d.tuning.findData("linear-probe"))
+    assert d.validate() == []
+    args = d.command()
+    assert args[args.index("--chip-size") + 1] == "96"
+    assert args[args.index("--decoder") + 1] == "linear"
+    assert args[args.index("--tuning") + 1] == "linear-probe"
+    assert "--stride" not in args
+    # the arrows step through multiples of the model's patch size
+    assert d.chip_size.singleStep() == 16
+    d.backbone.setCurrentText("prithvi_eo_v2_600")
+    assert d.chip_size.singleStep() == 14
+    assert any("multiple of 14" in p for p in d.validate())  # 96 is not
+
+
+def test_train_dialog_offers_the_engines_tuning_methods_and_decoders(train_dialog, tmp_path):
+    """The lists come from `engine models`; a method a newer engine adds is offered and passed."""
+    from qgis_plugin.core.bands import ModelsInfo
+    from qgis_plugin.dialogs.train_dialog import choices
+    d = train_dialog
+    d.out.setFilePath(str(tmp_path / "model"))
+    d.decoder.setCurrentIndex(d.decoder.findData("linear"))
+    d._models_info_arrived(ModelsInfo(tuning_methods=("auto", "lora", "vera"),
+                                      decoders=("auto", "unet", "linear", "upernet")), "")
+    assert choices(d.tuning) == ["auto", "lora", "vera"]
+    assert choices(d.decoder) == ["auto", "unet", "linear", "upernet"]
+    assert d.decoder.currentData() == "linear"  # the analyst's choice survives the refill
+    assert d.tuning.itemText(d.tuning.findData("vera")) == "vera"  # unknown: its own name
+    d.tuning.setCurrentIndex(d.tuning.findData("vera"))
+    d.decoder.setCurrentIndex(d.decoder.findData("upernet"))
+    assert d.validate() == []
+    args = d.command()
+    assert args[args.index("--tuning") + 1] == "vera" and args[args.index("--decoder") + 1] == "upernet"
+    # an engine that does not report them leaves the plugin's own lists
+    d._models_info_arrived(ModelsInfo(), "")
+    assert choices(d.tuning) == ["auto", "lora", "vera"]
 
 
 def test_train_dialog_raster_labels_and_categorized_colours(train_dialog, project):

@@ -131,8 +131,9 @@ def test_inputs_chosen_by_kind_and_output_in_a_models_folder(train, chip, tmp_pa
                        if d.rasters.item(i).data(Qt.ItemDataRole.UserRole) == chip["labels"].id())
     assert labels_item.text().endswith("(labels)")
     assert not labels_item.flags() & Qt.ItemFlag.ItemIsEnabled
-    # an unsaved project: the user's GeoPEFT folder; a new folder named after image and method
-    assert Path(d.out.filePath()) == Path.home() / "GeoPEFT" / "models" / "S2Hand_lora"
+    # an unsaved project: the user's GeoPEFT folder; a new folder named after the image (and the
+    # tuning method once one is chosen; automatic adds nothing)
+    assert Path(d.out.filePath()) == Path.home() / "GeoPEFT" / "models" / "S2Hand"
     # choosing the image as labels takes it out of the inputs
     d.labels.setLayer(chip["image"])
     assert chip["image"].id() not in d.checked_raster_ids()
@@ -142,11 +143,11 @@ def test_inputs_chosen_by_kind_and_output_in_a_models_folder(train, chip, tmp_pa
 def test_output_folder_beside_a_saved_project(qgis_iface, chip, provider, tmp_path):
     from qgis_plugin.dialogs.train_dialog import TrainDialog
     QgsProject.instance().setFileName(str(tmp_path / "floods.qgz"))
-    (tmp_path / "models" / "S2Hand_lora").mkdir(parents=True)
-    (tmp_path / "models" / "S2Hand_lora" / "card.json").write_text("{}")  # taken
+    (tmp_path / "models" / "S2Hand").mkdir(parents=True)
+    (tmp_path / "models" / "S2Hand" / "card.json").write_text("{}")  # taken
     try:
         d = TrainDialog(qgis_iface)
-        assert Path(d.out.filePath()) == tmp_path / "models" / "S2Hand_lora_2"
+        assert Path(d.out.filePath()) == tmp_path / "models" / "S2Hand_2"  # tuning: automatic
         d.tuning.setCurrentIndex(d.tuning.findData("dora"))  # still automatic: follows the method
         assert Path(d.out.filePath()) == tmp_path / "models" / "S2Hand_dora"
         d.out.setFilePath(str(tmp_path / "mine"))  # the analyst's choice stays

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from plugin_testdata import REPO
 
 PLUGIN = REPO / "qgis_plugin"
@@ -98,10 +100,26 @@ def test_installed_plugin_loads_protocol_from_engine_src(tmp_path):
     assert proc.stdout.strip() == str(target / "engine_src")
 
 
-def test_backbones_match_the_engine_registry():
-    """The plugin's model list is what the engine itself reports (`engine models`)."""
-    from qgis_plugin.core.commands import PATCH_SIZES
+@pytest.fixture(scope="module")
+def engine_models() -> dict:
+    """The summary of `engine models`, as the plugin reads it."""
     proc = subprocess.run([sys.executable, "-m", "engine", "models", "--events", "jsonl"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    done = [json.loads(line) for line in proc.stdout.splitlines() if '"done"' in line][0]
-    assert {m["name"]: m["patch"] for m in done["models"]} == PATCH_SIZES
+    return [json.loads(line) for line in proc.stdout.splitlines() if '"done"' in line][0]
+
+
+def test_backbones_match_the_engine_registry(engine_models):
+    """The plugin's model list is what the engine itself reports (`engine models`)."""
+    from qgis_plugin.core.commands import PATCH_SIZES
+    assert {m["name"]: m["patch"] for m in engine_models["models"]} == PATCH_SIZES
+
+
+def test_offline_choices_match_the_engine(engine_models):
+    """The Train dialog's tuning methods and decoders come from `engine models`; the plugin's
+    own tuples, used until the engine answers (and by Processing), are the same lists."""
+    from qgis_plugin.core.bands import ModelsInfo
+    from qgis_plugin.core.commands import DECODERS, TUNING_METHODS
+    info = ModelsInfo.from_summary(engine_models)
+    assert info.tuning_methods == TUNING_METHODS
+    assert info.decoders == DECODERS
+    assert TUNING_METHODS[0] == DECODERS[0] == "auto" and "linear" in DECODERS

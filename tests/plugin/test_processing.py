@@ -127,6 +127,34 @@ def test_cancel_during_training_stops_early_and_leaves_no_partial_output(data, p
         assert json.loads((out / "card.json").read_text())["training"]["cancelled"] is True
 
 
+def test_train_passes_only_what_is_set(data, provider, tmp_path, fake_python, monkeypatch):
+    """Processing Train: tuning auto by default; chip size, decoder, epochs and learning rate are
+    left to the engine unless set; never --stride."""
+    monkeypatch.setenv("GEOPEFT_ENGINE_PYTHON", fake_python)
+    monkeypatch.setenv("FAKE_ENGINE_MODE", "echo")
+    from qgis_plugin.core.commands import DECODERS
+    minimal = {"INPUT": [str(data["scene"])], "LABELS": str(data["labels"]),
+               "OUTPUT": str(tmp_path / "m")}
+
+    def argv(params) -> list[str]:
+        feedback = QgsProcessingFeedback()
+        run("train", params, feedback=feedback)
+        line = next(line for line in feedback.textLog().splitlines() if "-m engine train" in line)
+        return line.split()
+
+    args = argv(minimal)
+    assert args[args.index("--tuning") + 1] == "auto"
+    for flag in ("--chip-size", "--decoder", "--epochs", "--lr", "--stride", "--val-fraction"):
+        assert flag not in args, flag
+    args = argv({**minimal, "CHIP_SIZE": 96, "DECODER": DECODERS.index("linear"), "EPOCHS": 3,
+                 "LEARNING_RATE": 0.0005})
+    assert args[args.index("--chip-size") + 1] == "96" and args[args.index("--decoder") + 1] == "linear"
+    assert args[args.index("--epochs") + 1] == "3" and args[args.index("--lr") + 1] == "0.0005"
+    assert "--stride" not in args
+    with pytest.raises(QgsProcessingException, match="multiple of 16"):
+        run("train", {**minimal, "CHIP_SIZE": 100})
+
+
 def test_invalid_model_is_refused_with_a_message(provider, data, tmp_path):
     with pytest.raises(QgsProcessingException, match="not a GeoPEFT model folder"):
         run("predict", {"INPUT": str(data["scene"]), "MODEL": str(tmp_path),
