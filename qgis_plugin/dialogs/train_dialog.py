@@ -45,7 +45,7 @@ from .messages import MessagePanel, show_error, show_problems
 from .task import EngineTask, log
 
 AUTO_CHIP = "Automatic (from the labelled area)"
-AUTO_EPOCHS = "Automatic"
+AUTO_EPOCHS = "Automatic epochs"
 AUTO_LR = "Automatic (by tuning method)"
 WEIGHTS_CHOICES = (("auto", "Pretrained (downloaded automatically)"),
                    ("none", "Random initialisation (no pretraining)"),

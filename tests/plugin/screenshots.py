@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     train.class_table.set_name(0, "not water")
     train.class_table.set_name(1, "water")
     train.max_time.setText("30m")
-    train.out.setFilePath("/home/analyst/floods/models/S2Hand_lora")
+    train.out.setFilePath("/home/analyst/floods/models/S2Hand")
     grab(train, "train-dialog.png")
     train._set_running(True)
     from qgis_plugin.processing.base import ProgressMapper
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         train._on_event(event)
     grab(train, "train-dialog-running.png")
 
-    model = work / "models" / "S2Hand_lora"
+    model = work / "models" / "S2Hand"
     model.mkdir(parents=True)
     (model / "card.json").write_text(json.dumps({
         "backbone": {"name": "prithvi_eo_v2_tiny"}, "tuning": {"method": "lora"},
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     predict = PredictDialog(None)
     predict.model.setFilePath(str(model))
     predict.model.blockSignals(True)  # a readable path in the picture, the card read above
-    predict.model.setFilePath("/home/analyst/floods/models/S2Hand_lora")
+    predict.model.setFilePath("/home/analyst/floods/models/S2Hand")
     predict.model.blockSignals(False)
     predict.out.setFilePath("/home/analyst/floods/results/S2Hand_classes.tif")
     predict.want_polygons.setChecked(True)

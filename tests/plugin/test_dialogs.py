@@ -120,7 +120,7 @@ def test_train_dialog_leaves_the_automatic_choices_to_the_engine(train_dialog, t
     assert d.tuning.currentData() == "auto" and d.tuning.currentText().startswith("Automatic")
     assert d.decoder.currentData() == "auto" and d.decoder.currentText().startswith("Automatic")
     assert d.chip_size.text() == "Automatic (from the labelled area)"
-    assert d.epochs.text() == "Automatic" and d.lr.text().startswith("Automatic")
+    assert d.epochs.text() == "Automatic epochs" and d.lr.text().startswith("Automatic")
     assert d.validate() == []
     args = d.command()
     assert args[args.index("--tuning") + 1] == "auto"
