@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone", default="prithvi_eo_v2_tiny", help="foundation model (see 'models')")
     t.add_argument("--weights", default="auto",
                    help="backbone checkpoint file; 'auto' (hub when reachable, else random), 'hub', or 'none'")
-    t.add_argument("--tuning", default="lora", help="lora, dora, full or linear-probe")
+    t.add_argument("--tuning", default="auto", help="auto (lora with pretrained weights, full when the backbone "
+                   "starts from random weights), lora, dora, full or linear-probe")
     t.add_argument("--lora-rank", type=int, default=16)
     t.add_argument("--lora-alpha", type=int, default=16)
     t.add_argument("--decoder", default="auto",
@@ -48,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chip-size", type=int,
                    help="training chip size in pixels, a multiple of the patch size (default: chosen from "
                    "the labelled extent, at most 224)")
-    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--epochs", type=int, default=60,
+                   help="epochs of random crops (each labelled pixel about four times per epoch)")
     t.add_argument("--max-time", help="time budget, e.g. 90s, 5m, 1h (stops at whichever comes first)")
     t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, help="learning rate (default: by method: full 1e-4, lora/dora/linear-probe "
+                   "1e-3 on a pretrained backbone; 3e-3 on a random one)")
     t.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of labelled pixels held out for validation, in spatial blocks")
     t.add_argument("--chips-per-epoch", type=int, help="random crops drawn per epoch (default: each labelled "

@@ -1,6 +1,6 @@
 """``demo``: the whole path on the built-in synthetic scene, with a short summary.
 
-demo-data → train (LoRA) → predict → evaluate → export ONNX → predict with ONNX → evaluate.
+demo-data → train (default options) → predict → evaluate → export ONNX → predict with ONNX → evaluate.
 The scene is split in two: training labels come from the left part only, and the scores are
 on the right part, which training never saw.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
+from engine.card import read_card
 from engine.data.demo import make_demo_scene
 from engine.data.rasters import atomic_output
 from engine.protocol import Reporter
@@ -56,13 +57,12 @@ def run_demo(out: str | os.PathLike, reporter: Reporter, max_time: str = "4m") -
     times["demo-data"] = time.monotonic() - t0
     steps = [
         ("train", f"python -m engine train --image {scene.image} --labels {train_labels} "
-                  f"--tuning lora --chip-size 128 --max-time {max_time} --out {out / 'model'}"),
+                  f"--epochs 1000 --max-time {max_time} --out {out / 'model'}"),
     ]
     reporter.info("$ " + steps[0][1])
     t0 = time.monotonic()
     trained = run_training(TrainConfig(images=[str(scene.image)], labels=str(train_labels), out=str(out / "model"),
-                                       chip_size=128, epochs=1000, max_time=max_time,
-                                       batch_size=8, lr=1e-3, weights="auto"), reporter)
+                                       epochs=1000, max_time=max_time, weights="auto"), reporter)
     times["train"] = time.monotonic() - t0
     if not trained.get("out"):
         return {"cancelled": True}
@@ -83,12 +83,14 @@ def run_demo(out: str | os.PathLike, reporter: Reporter, max_time: str = "4m") -
     with rasterio.open(out / "prediction_pytorch.tif") as a, rasterio.open(out / "prediction_onnx.tif") as b:
         agreement = float((a.read(1) == b.read(1)).mean())
     counts = trained["trainable_parameters"]
+    card, _ = read_card(out / "model")
     adapter_mb = (out / "model" / "adapter.safetensors").stat().st_size / 2 ** 20
     summary_lines = [
         "", "GeoPEFT demo summary", "=" * 60,
         f"scene: {SCENE_SIZE}x{SCENE_SIZE} px, 6 bands, 4 classes; trained on the left "
         f"{int(TRAIN_FRACTION * 100)} %, scored on the held-out right part",
-        f"model: prithvi_eo_v2_tiny + UNet, LoRA r16; {counts:,} trainable parameters, "
+        f"model: {card['backbone']['name']} + {card['decoder']}, tuning {card['tuning']['method']}, "
+        f"chip {card['chip_size']} px, lr {card['training']['lr']:g}; {counts:,} trainable parameters, "
         f"model folder {adapter_mb:.1f} MiB; weights: {'pretrained' if not any('RANDOM' in w for w in reporter.warnings) else 'RANDOM (offline)'}",
         f"training: {trained['epochs']} epochs, {trained['steps']} steps, best validation mIoU "
         f"{trained['best_val_miou']:.3f}",

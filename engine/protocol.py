@@ -187,9 +187,14 @@ class Reporter:
         self.emit("warning", message=message)
 
     def info(self, message: str) -> None:
-        """Human-only log line (stderr); not part of the protocol."""
-        if self.enabled and self.mode == "human":
+        """A log line for people (what was chosen and why): on stderr, not part of the protocol;
+        with ``jsonl`` too, where it lands in the caller's engine log."""
+        if not self.enabled:
+            return
+        if self.mode == "human":
             self._write_err(message)
+        elif self.mode == "jsonl":
+            print(message, file=sys.stderr, flush=True)
 
     def error(self, message: str, error_type: str, hint: str | None = None) -> None:
         self.emit("error", message=message, error_type=error_type, hint=hint)

@@ -37,13 +37,13 @@ class TrainConfig:
     classes: list[dict] | None = None
     backbone: str = "prithvi_eo_v2_tiny"
     weights: str | None = "auto"
-    tuning: TuningConfig = field(default_factory=TuningConfig)
+    tuning: TuningConfig = field(default_factory=lambda: TuningConfig(method="auto"))
     decoder: str = "auto"  # auto: linear for linear-probe, else unet
     chip_size: int | None = None  # None: chosen from the labelled extent
-    epochs: int = 20
+    epochs: int = 60
     max_time: str | None = None  # "90s", "5m", "1h"
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float | None = None  # None: by method (choose_method_and_lr)
     val_fraction: float = 0.2
     device: str = "auto"  # auto, cpu, gpu/cuda
     precision: str = "auto"  # auto (bf16-mixed on GPUs and bf16-capable CPUs, else 32), 32, bf16-mixed, 16-mixed
@@ -122,6 +122,27 @@ class TrainingData:
     chips_per_epoch: int
 
 
+# Learning rates per method for a pretrained backbone: full fine-tuning must not wash out what
+# pretraining learnt; adapters and heads start from scratch and take larger steps.
+PRETRAINED_LR = {"full": 1e-4, "lora": 1e-3, "dora": 1e-3, "linear-probe": 1e-3}
+RANDOM_BACKBONE_LR = 3e-3  # nothing to preserve: on the real Sen1Floods11 chip 3e-3 beat 1e-3
+
+
+def choose_method_and_lr(method: str, lr: float | None, pretrained: bool, reporter: Reporter) -> tuple[str, float]:
+    """``auto`` method: LoRA on a pretrained backbone (the paper's choice), full fine-tuning on a
+    random one (adapters on random weights have nothing to adapt). ``lr`` None: by method."""
+    if method == "auto":
+        method = "lora" if pretrained else "full"
+        reporter.info(f"tuning {method}: " + ("LoRA adapters on the pretrained backbone" if pretrained else
+                      "the backbone starts from random weights, so all of it trains (LoRA would only "
+                      "adapt noise)") + "; set --tuning to choose")
+    if lr is None:
+        lr = PRETRAINED_LR[method] if pretrained else RANDOM_BACKBONE_LR
+        reporter.info(f"learning rate {lr:g} for {method} on a {'pretrained' if pretrained else 'random'} "
+                      "backbone; set --lr to choose")
+    return method, lr
+
+
 def class_weights(target: np.ndarray, num_classes: int, reporter: Reporter) -> list[float]:
     """Inverse square-root frequency weights (mean 1) when the classes are unbalanced (the
     largest over 3× the smallest), else all 1. A class missing from training gets weight 1."""
@@ -188,8 +209,9 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     max_seconds = parse_duration(cfg.max_time)
     from engine.models.registry import get_backbone_spec
     spec = get_backbone_spec(cfg.backbone)
-    if cfg.tuning.method not in METHODS:
-        raise EngineError(f"unknown tuning method {cfg.tuning.method!r}", hint=f"choose one of: {', '.join(METHODS)}")
+    if cfg.tuning.method not in ("auto", *METHODS):
+        raise EngineError(f"unknown tuning method {cfg.tuning.method!r}",
+                          hint=f"choose one of: auto, {', '.join(METHODS)}")
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "card.json").exists())):
         raise EngineError(f"output folder {out} exists and is not a GeoPEFT model",
@@ -214,14 +236,16 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     accelerator, precision = resolve_accelerator(cfg.device, cfg.precision)
-    decoder = default_decoder(cfg.tuning.method) if cfg.decoder == "auto" else cfg.decoder
-    model = build_segmentor(spec, len(data.band_indices), data.chip_size, len(data.classes), decoder)
     weights_path = resolve_weights(spec, cfg.weights, reporter)
+    method, lr = choose_method_and_lr(cfg.tuning.method, cfg.lr, pretrained=weights_path is not None,
+                                      reporter=reporter)
+    decoder = default_decoder(method) if cfg.decoder == "auto" else cfg.decoder
+    model = build_segmentor(spec, len(data.band_indices), data.chip_size, len(data.classes), decoder)
     loaded = load_backbone_weights(model.encoder, spec, weights_path, data.band_names, reporter)
     if weights_path is not None and cfg.weights in ("hub", "auto"):
         loaded.source = "hub"
     # Fresh band columns of the patch embedding must train and be saved with the model.
-    tuning = replace(cfg.tuning, patch_embed=bool(loaded.fresh_bands))
+    tuning = replace(cfg.tuning, method=method, patch_embed=bool(loaded.fresh_bands))
     apply_tuning(model, tuning)
     counts = count_parameters(model)
     reporter.info(f"{spec.name} + {decoder}, tuning {tuning.method}"
@@ -230,7 +254,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
                   f"precision {precision}")
 
     from engine.training.data import ChipDataModule
-    task = SegmentationTask(model, [c["name"] for c in data.classes], cfg.lr, class_weights=data.class_weights,
+    task = SegmentationTask(model, [c["name"] for c in data.classes], lr, class_weights=data.class_weights,
                             monitor="val_miou" if data.val_set is not None else "train_loss_epoch")
     datamodule = ChipDataModule(data.train_set, data.val_set, cfg.batch_size, cfg.workers)
     steps_per_epoch = math.ceil(data.chips_per_epoch / cfg.batch_size)
@@ -281,7 +305,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
             "best_epoch": keep.best_epoch,
             "best_val_miou": keep.best_val["miou"] if keep.best_val else None,
             "val_per_class": keep.best_val["per_class"] if keep.best_val else None,
-            "steps": trainer.global_step, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "steps": trainer.global_step, "batch_size": cfg.batch_size, "lr": lr,
             "seed": cfg.seed, "val_fraction": cfg.val_fraction, "class_weights": data.class_weights,
             "chips_per_epoch": data.chips_per_epoch, "accelerator": accelerator,
             "precision": precision, "duration_s": round(time.monotonic() - started, 1),
