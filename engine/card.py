@@ -11,7 +11,9 @@ from pathlib import Path
 
 from engine.protocol import EngineError
 
-CARD_VERSION = 1
+# 2: tuning.patch_embed (trained patch embedding for fresh bands), input.source_dtype, the
+#    decoder may be "linear"; version-1 cards still load.
+CARD_VERSION = 2
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "adapter.safetensors"
 

@@ -57,12 +57,12 @@ def run_demo(out: str | os.PathLike, reporter: Reporter, max_time: str = "4m") -
     times["demo-data"] = time.monotonic() - t0
     steps = [
         ("train", f"python -m engine train --image {scene.image} --labels {train_labels} "
-                  f"--epochs 1000 --max-time {max_time} --out {out / 'model'}"),
+                  f"--max-time {max_time} --out {out / 'model'}"),
     ]
     reporter.info("$ " + steps[0][1])
     t0 = time.monotonic()
     trained = run_training(TrainConfig(images=[str(scene.image)], labels=str(train_labels), out=str(out / "model"),
-                                       epochs=1000, max_time=max_time, weights="auto"), reporter)
+                                       max_time=max_time, weights="auto"), reporter)
     times["train"] = time.monotonic() - t0
     if not trained.get("out"):
         return {"cancelled": True}
