@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", help="override the card's band selection (1-based)")
     p.add_argument("--out", required=True, help="class raster to write (GeoTIFF)")
     p.add_argument("--probabilities", help="also write per-class probabilities (percent, GeoTIFF)")
+    p.add_argument("--uncertainty", help="also write per-pixel uncertainty: normalised entropy of the class "
+                   "probabilities, 0-100 (uint8 GeoTIFF, nodata 255)")
+    p.add_argument("--polygons", help="also write the classes as polygons (GeoPackage .gpkg, layer 'predictions': "
+                   "class_value, class_name, area)")
+    p.add_argument("--min-area", type=float, help="with --polygons: drop regions smaller than this (CRS units², "
+                   "e.g. m²)")
+    p.add_argument("--simplify", type=float, help="with --polygons: simplify the outlines with this tolerance "
+                   "(CRS units; needs shapely)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--overlap", type=int, help="tile overlap in pixels (default: a quarter tile)")
     p.add_argument("--device", default="auto")
@@ -141,7 +149,8 @@ def cmd_predict(a, reporter: Reporter) -> dict:
     from engine.data.rasters import parse_band_list
     from engine.inference.predict import predict
 
-    summary = predict(a.model, a.image, a.out, probabilities=a.probabilities, batch_size=a.batch_size,
+    summary = predict(a.model, a.image, a.out, probabilities=a.probabilities, uncertainty=a.uncertainty,
+                      polygons=a.polygons, min_area=a.min_area, simplify=a.simplify, batch_size=a.batch_size,
                       overlap=a.overlap, device=a.device, bands=parse_band_list(a.bands),
                       precision=a.precision, reporter=reporter)
     if reporter.mode == "human" and summary.get("out"):

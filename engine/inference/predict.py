@@ -6,9 +6,15 @@ probabilities blended with ``blend_weights`` into a rolling accumulator, and the
 tile can touch are written out. Memory is O(tile × raster width), not O(raster).
 Outputs are on exactly the input grid; nodata input pixels stay nodata. Before it runs, the
 raster is checked against the model card (``checks``).
+
+The same loop writes the optional per-class probabilities and per-pixel uncertainty. The rasters
+are then copied as cloud-optimised GeoTIFFs with overviews, the class raster optionally
+vectorised into a GeoPackage, and a QGIS style written beside it (``outputs``); every file is
+renamed into place only when all of them are complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,6 +26,8 @@ from rasterio.windows import Window
 from engine.data.chips import blend_weights, normalise, tile_starts
 from engine.data.rasters import RasterStack, atomic_output, colormap
 from engine.inference.checks import check_image, check_outputs
+from engine.inference.outputs import (POLYGON_LAYER, UNCERTAINTY_NODATA, _PolygonsCancelled, check_output_options,
+                                      style_path, to_cog, uncertainty_uint8, write_polygons, write_style)
 from engine.inference.runners import load_runner
 from engine.protocol import EngineError, Reporter
 
@@ -37,12 +45,17 @@ def output_dtype(classes: list[dict]) -> tuple[str, int]:
 
 
 def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.PathLike,
-                   probabilities: str | os.PathLike | None = None, batch_size: int = 8,
-                   overlap: int | None = None, device: str = "auto", bands: list[int] | None = None,
-                   precision: str = "auto", reporter: Reporter | None = None) -> dict:
+                   probabilities: str | os.PathLike | None = None, uncertainty: str | os.PathLike | None = None,
+                   polygons: str | os.PathLike | None = None, min_area: float | None = None,
+                   simplify: float | None = None, batch_size: int = 8, overlap: int | None = None,
+                   device: str = "auto", bands: list[int] | None = None, precision: str = "auto",
+                   reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
-    check_outputs(images, out=out, probabilities=probabilities)
+    check_output_options(polygons, min_area, simplify)
+    style = style_path(out)
+    check_outputs(images, out=out, probabilities=probabilities, uncertainty=uncertainty, polygons=polygons,
+                  style=style)
     runner = load_runner(model, device, reporter, precision)
     card = runner.card
     classes = card["classes"]
@@ -54,6 +67,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
     inp = card["input"]
     values = np.array([c["value"] for c in classes])
     dtype, nodata = output_dtype(classes)
+    polygon_summary = None
     with RasterStack(images, bands or inp["bands"]) as stack:
         check_image(stack, card, reporter)
         stack.check_has_data()
@@ -68,10 +82,23 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                    "BIGTIFF": "IF_SAFER"}
         total_tiles = len(rows) * len(cols)
         done_tiles = 0
-        with atomic_output(out) as tmp_out, _maybe_atomic(probabilities) as tmp_prob:
-            dst = rasterio.open(tmp_out, "w", count=1, dtype=dtype, nodata=nodata, **profile)
-            pdst = rasterio.open(tmp_prob, "w", count=K, dtype="uint8", nodata=PROBABILITY_NODATA,
-                                 **profile) if tmp_prob else None
+        with contextlib.ExitStack() as outputs:
+            # Every output goes to a temporary name, renamed onto its path only if all succeed. The
+            # rasters are streamed into scratch GeoTIFFs, then copied to their temporary names as
+            # cloud-optimised GeoTIFFs (overviews need the finished raster).
+            tmp = {name: outputs.enter_context(atomic_output(path)) for name, path in
+                   (("out", out), ("probabilities", probabilities), ("uncertainty", uncertainty),
+                    ("polygons", polygons), ("style", style)) if path}
+            scratch = {}
+            for name in ("out", "probabilities", "uncertainty"):
+                if name in tmp:
+                    scratch[name] = tmp[name].with_name(tmp[name].stem + ".stream.tif")
+                    outputs.callback(_unlink, scratch[name])
+            dst = rasterio.open(scratch["out"], "w", count=1, dtype=dtype, nodata=nodata, **profile)
+            pdst = rasterio.open(scratch["probabilities"], "w", count=K, dtype="uint8", nodata=PROBABILITY_NODATA,
+                                 **profile) if probabilities else None
+            udst = rasterio.open(scratch["uncertainty"], "w", count=1, dtype="uint8", nodata=UNCERTAINTY_NODATA,
+                                 **profile) if uncertainty else None
             try:
                 dst.set_band_description(1, "class")
                 dst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), GEOPEFT_MODEL=str(model))
@@ -81,6 +108,10 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                     for k, c in enumerate(classes):
                         pdst.set_band_description(k + 1, f"P({c['name']}) %")
                     pdst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), scale="percent")
+                if udst:
+                    udst.set_band_description(1, "uncertainty %")
+                    udst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), scale="percent",
+                                     measure="normalised entropy of the blended class probabilities")
                 acc = np.zeros((K, size, width), np.float32)
                 wsum = np.zeros((size, width), np.float32)
                 base = rows[0]
@@ -115,16 +146,43 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                         pct = np.round(p * 100).astype(np.uint8)
                         pct[:, ~ok] = PROBABILITY_NODATA
                         pdst.write(pct, window=Window(0, r, W, n))
+                    if udst:
+                        udst.write(uncertainty_uint8(p, ok), 1, window=Window(0, r, W, n))
                     reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles)
             finally:
-                dst.close()
-                if pdst:
-                    pdst.close()
+                for ds in (dst, pdst, udst):
+                    if ds:
+                        ds.close()
+            for name, resampling in (("out", "NEAREST"), ("probabilities", "AVERAGE"), ("uncertainty", "AVERAGE")):
+                if name in scratch:
+                    if reporter.cancelled:
+                        raise _Cancelled
+                    to_cog(scratch[name], tmp[name], resampling)
+                    _unlink(scratch[name])
+            if polygons:
+                reporter.progress("polygons", 0, None, "vectorising the class raster")
+                try:
+                    polygon_summary = write_polygons(tmp["out"], tmp["polygons"], classes, min_area, simplify,
+                                                     cancelled=lambda: reporter.cancelled)
+                except _PolygonsCancelled:
+                    raise _Cancelled from None
+                if reporter.cancelled:
+                    raise _Cancelled
+            write_style(tmp["style"], classes)
     seconds = time.monotonic() - started
     reporter.artifact("raster", str(out), classes=classes, nodata=nodata)
     if probabilities:
         reporter.artifact("probabilities", str(probabilities), classes=classes, nodata=PROBABILITY_NODATA)
+    if uncertainty:
+        reporter.artifact("uncertainty", str(uncertainty), nodata=UNCERTAINTY_NODATA,
+                          measure="normalised entropy × 100")
+    if polygons:
+        reporter.artifact("polygons", str(polygons), layer=POLYGON_LAYER, **polygon_summary)
+    reporter.artifact("style", str(style), of=str(out))
     return {"out": str(out), "probabilities": str(probabilities) if probabilities else None,
+            "uncertainty": str(uncertainty) if uncertainty else None,
+            "polygons": str(polygons) if polygons else None, "style": str(style),
+            "polygon_count": polygon_summary["polygons"] if polygon_summary else None,
             "tiles": total_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
             "precision": "bf16" if getattr(runner, "bf16", False) else "fp32",
             "device": str(runner.device), "classes": classes}
@@ -134,23 +192,16 @@ class _Cancelled(Exception):
     pass
 
 
-class _maybe_atomic:
-    """``atomic_output`` for an optional path."""
-
-    def __init__(self, path):
-        self.cm = atomic_output(path) if path else None
-
-    def __enter__(self):
-        return self.cm.__enter__() if self.cm else None
-
-    def __exit__(self, *exc):
-        return self.cm.__exit__(*exc) if self.cm else False
+def _unlink(path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def predict(model, images, out, **kwargs) -> dict:
     """Predict ``images`` (paths on one grid) with ``model`` (model folder, its card.json, or an
-    .onnx file) into the GeoTIFF ``out``. Keyword options: ``probabilities`` (path),
-    ``batch_size``, ``overlap`` (pixels), ``device``, ``bands``, ``precision``, ``reporter``.
+    .onnx file) into the GeoTIFF ``out`` (cloud-optimised, with a QGIS style ``out.qml`` beside
+    it). Keyword options: ``probabilities``, ``uncertainty`` (GeoTIFF paths), ``polygons``
+    (GeoPackage path) with ``min_area`` and ``simplify`` (CRS units), ``batch_size``, ``overlap`` (pixels), ``device``, ``bands``, ``precision``, ``reporter``.
     A cancel through the reporter stops cleanly and leaves no output behind."""
     try:
         return _run_prediction(model, images, out, **kwargs)
