@@ -212,3 +212,24 @@ def test_cli_writes_every_output_and_reports_it(demo_scene, tmp_path):
     entries = ET.parse(paths["style"]).getroot().findall(".//paletteEntry")
     assert [(int(e.get("value")), e.get("label")) for e in entries] == [(c["value"], c["name"]) for c in card["classes"]]
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+class CancelAtStage(Reporter):
+    """Cancels when ``predict`` reports the given stage: after the rasters are complete."""
+
+    def __init__(self, stage):
+        super().__init__("quiet")
+        self.stage = stage
+
+    def progress(self, stage, *args, **kwargs):
+        if stage == self.stage:
+            self.cancel()
+        super().progress(stage, *args, **kwargs)
+
+
+def test_cancel_while_vectorising_leaves_none_of_the_outputs(stub, tmp_path):
+    checker = np.indices((120, 120)).sum(axis=0) % 2 + 1  # 7200 one-pixel regions per class
+    image = write_image(tmp_path / "in.tif", checker)
+    done = predict("stub", [image], tmp_path / "c.tif", reporter=CancelAtStage("polygons"), **all_outputs(tmp_path))
+    assert done["cancelled"] is True
+    assert [p.name for p in tmp_path.iterdir()] == ["in.tif"]
