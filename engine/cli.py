@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="merge adapters and export the model to ONNX", formatter_class=fmt)
     e.add_argument("--model", required=True)
     e.add_argument("--out", required=True, help="ONNX file to write")
+    e.add_argument("--profile", choices=["geopeft", "deepness"], default="geopeft",
+                   help="geopeft: for GeoPEFT's predict; deepness: for the Deepness QGIS plugin (8-bit "
+                   "imagery only: its input is bands ÷ 255, its metadata Deepness's)")
+    e.add_argument("--force", action="store_true",
+                   help="with --profile deepness: export a model not trained on uint8 pixels (with a warning)")
     _common(e)
 
     v = sub.add_parser("evaluate", help="score a prediction against labels", formatter_class=fmt)
@@ -162,9 +167,10 @@ def cmd_predict(a, reporter: Reporter) -> dict:
 def cmd_export(a, reporter: Reporter) -> dict:
     from engine.export import export_onnx
 
-    summary = export_onnx(a.model, a.out, reporter)
+    summary = export_onnx(a.model, a.out, reporter, profile=a.profile, force=a.force)
     if reporter.mode == "human":
-        print(f"ONNX model written to {summary['out']}; parity with PyTorch: max abs diff "
+        print(f"ONNX model{' for Deepness' if a.profile == 'deepness' else ''} written to {summary['out']}; "
+              f"parity with PyTorch: max abs diff "
               f"{summary['max_abs_diff']:.2e} (≤ 1e-4)")
     return summary
 

@@ -3,7 +3,10 @@ onnxruntime alone; the model card travels in the ONNX metadata.
 
 A model too large for one protobuf (2 GB; Prithvi-EO-2.0-600M is about 2.5 GB) keeps its
 weights in ``<name>.onnx.data`` beside the ``.onnx`` file: the two travel together. Both are
-written, checked and run in a staging folder beside the output and renamed only on success."""
+written, checked and run in a staging folder beside the output and renamed only on success.
+
+``profile="deepness"`` writes the same model for the Deepness QGIS plugin instead: its input is
+Deepness's (8-bit bands ÷ 255), its metadata Deepness's (see ``engine.export.deepness``)."""
 from __future__ import annotations
 
 import copy
@@ -16,6 +19,7 @@ import numpy as np
 
 from engine.card import read_card
 from engine.data.rasters import current_umask
+from engine.export import deepness
 from engine.inference.runners import ONNX_CARD_KEY, load_trained_model
 from engine.protocol import EngineError, Reporter
 
@@ -32,8 +36,14 @@ def tensor_bytes(proto) -> int:
     return sum(t.ByteSize() for t in [*proto.graph.initializer, *constants])
 
 
+PROFILES = ("geopeft", "deepness")
+
+
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
-                seed: int = 0, single_file_max_bytes: int = SINGLE_FILE_MAX_BYTES) -> dict:
+                seed: int = 0, single_file_max_bytes: int = SINGLE_FILE_MAX_BYTES, profile: str = "geopeft",
+                force: bool = False) -> dict:
+    """``profile``: ``geopeft`` (normalised input, for GeoPEFT's predict) or ``deepness``;
+    ``force``: export for Deepness a model not trained on uint8 pixels (with a warning)."""
     reporter = reporter or Reporter("quiet")
     import onnx
     import onnxruntime as ort
@@ -44,18 +54,34 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
 
     if not str(out).lower().endswith(".onnx"):
         raise EngineError(f"--out {out} should end in .onnx")
+    if profile not in PROFILES:
+        raise EngineError(f"unknown export profile {profile!r}", hint=f"use one of {', '.join(PROFILES)}")
     card, folder = read_card(model_dir)
+    if profile == "deepness":
+        deepness.check_source_dtype(card, force, reporter)
     reporter.progress("export", 1, 4, "loading the trained model")
     trained = Probabilities(load_trained_model(card, folder, reporter)).eval()
     merged = merge(copy.deepcopy(trained)).eval()
     c, s = len(card["input"]["bands"]), int(card["chip_size"])
-    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((3, c, s, s)).astype(np.float32))
+    rng = np.random.default_rng(seed)
+    if profile == "deepness":
+        # The exported model takes what Deepness feeds (8-bit pixels ÷ 255); the reference is
+        # the trained model on GeoPEFT's own normalisation of the same pixels, so the parity
+        # check below covers the input conversion too.
+        pixels = rng.integers(0, 256, (3, c, s, s))
+        x = torch.from_numpy((pixels * (1.0 / 255)).astype(np.float32))
+        x_model = torch.from_numpy(deepness.normalised(pixels, card))
+        merged = deepness.wrap_input(merged, card["input"]["mean"], card["input"]["std"])
+    else:
+        x = x_model = torch.from_numpy(rng.standard_normal((3, c, s, s)).astype(np.float32))
     with torch.inference_mode():
-        reference = trained(x).numpy()
+        reference = trained(x_model).numpy()
         merged_out = merged(x).numpy()
     merge_diff = float(np.abs(reference - merged_out).max())
     export_card = dict(card, export={"merged": True, "opset": OPSET, "input": "input",
                                      "output": "probabilities", "layout": "NCHW float32, normalised"})
+    if profile == "deepness":
+        export_card["export"].update(profile="deepness", layout="NCHW float32, 8-bit values / 255")
     reporter.progress("export", 2, 4, "exporting to ONNX")
     out = Path(out)
     data_file = out.with_name(out.name + ".data")
@@ -69,8 +95,12 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
                           input_names=["input"], output_names=["probabilities"],
                           dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}})
         proto = onnx.load(str(raw))
-        meta = {ONNX_CARD_KEY: json.dumps(export_card), "model_type": "Segmentor",
-                "class_names": json.dumps({str(i): c["name"] for i, c in enumerate(card["classes"])})}
+        if profile == "deepness":
+            deepness.limit_versions(proto)
+            meta = {deepness.CARD_KEY: json.dumps(export_card), **deepness.metadata(card, reporter)}
+        else:
+            meta = {ONNX_CARD_KEY: json.dumps(export_card), "model_type": "Segmentor",
+                    "class_names": json.dumps({str(i): c["name"] for i, c in enumerate(card["classes"])})}
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -96,12 +126,16 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
         os.replace(staged, out)
     size = out.stat().st_size + (data_file.stat().st_size if external else 0)
     reporter.progress("export", 4, 4, f"parity OK: max abs diff {diff:.2e}")
-    reporter.info(f"ONNX parity with PyTorch on random input (batch 3): max abs diff {diff:.2e} "
-                  f"(merge alone: {merge_diff:.2e}; tolerance {PARITY_TOLERANCE:g})")
+    checked, step = (("ONNX on random 8-bit pixels ÷ 255 vs PyTorch on the same pixels normalised",
+                      "merge and input conversion") if profile == "deepness"
+                     else ("ONNX parity with PyTorch on random input", "merge alone"))
+    reporter.info(f"{checked} (batch 3): max abs diff {diff:.2e} "
+                  f"({step}: {merge_diff:.2e}; tolerance {PARITY_TOLERANCE:g})")
     if external:
         reporter.info(f"the weights are in {data_file.name}: keep it beside {out.name} (move and copy them together)")
         reporter.artifact("onnx", str(out), data_file=str(data_file))
     else:
         reporter.artifact("onnx", str(out))
     return {"out": str(out), "data_file": str(data_file) if external else None, "max_abs_diff": diff,
-            "merge_max_abs_diff": merge_diff, "size_bytes": size, "opset": OPSET}
+            "merge_max_abs_diff": merge_diff, "size_bytes": size, "opset": OPSET,
+            "profile": profile}
