@@ -10,19 +10,28 @@ import os
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
+    QgsColorRampShader,
     QgsFeatureRequest,
     QgsFillSymbol,
     QgsPalettedRasterRenderer,
     QgsRasterLayer,
+    QgsRasterShader,
     QgsRendererCategory,
+    QgsSingleBandPseudoColorRenderer,
     QgsVectorLayer,
     QgsWkbTypes,
 )
 from qgis.PyQt.QtGui import QColor
 
 CLASSES_TAG = "GEOPEFT_CLASSES"
-CLASS_FIELD = "class_id"  # field of the predicted polygons
+CLASS_FIELD = "class_value"  # fields of the engine's predicted polygons (layer "predictions")
 NAME_FIELD = "class_name"
+UNCERTAINTY_NODATA = 255  # the engine's uncertainty raster: uint8 0-100, nodata 255
+# Sequential ramp for uncertainty (ColorBrewer YlOrRd): pale where the model is sure, dark red
+# where it hesitates, so the places worth labelling next stand out.
+UNCERTAINTY_RAMP = ((0, "#ffffb2", "0 — low uncertainty"), (25, "#fecc5c", "25"),
+                    (50, "#fd8d3c", "50"), (75, "#f03b20", "75"),
+                    (100, "#bd0026", "100 — high uncertainty (label here next)"))
 
 # Distinct, readable colours for classes without a colour of their own; no red early on, so
 # that an unnamed class (often water, in flood maps) does not come out red.
@@ -229,29 +238,37 @@ def style_polygons(layer: QgsVectorLayer, classes: list[dict], field: str = CLAS
     return True
 
 
-def write_default_style(path: str, classes: list[dict], kind: str = "raster") -> str | None:
-    """Make QGIS show a result styled by class wherever it is opened.
+def style_uncertainty(layer: QgsRasterLayer) -> bool:
+    """Single-band pseudocolour 0-100 on a sequential ramp, legend from low to high uncertainty;
+    nodata (255, and anything outside 0-100) transparent."""
+    if not layer.isValid():
+        return False
+    provider = layer.dataProvider()
+    if not provider.sourceHasNoDataValue(1):
+        provider.setNoDataValue(1, UNCERTAINTY_NODATA)
+    provider.setUseSourceNoDataValue(1, True)
+    ramp = QgsColorRampShader(0, 100)
+    ramp.setColorRampType(QgsColorRampShader.Type.Interpolated)
+    ramp.setClip(True)  # values above 100 are not uncertainties: not drawn
+    ramp.setColorRampItemList([QgsColorRampShader.ColorRampItem(value, QColor(colour), label)
+                               for value, colour, label in UNCERTAINTY_RAMP])
+    shader = QgsRasterShader(0, 100)
+    shader.setRasterShaderFunction(ramp)
+    renderer = QgsSingleBandPseudoColorRenderer(provider, 1, shader)
+    renderer.setClassificationMin(0)
+    renderer.setClassificationMax(100)
+    layer.setRenderer(renderer)
+    layer.triggerRepaint()
+    return True
 
-    Rasters: ``<name>.qml`` beside the file (QGIS's default-style sidecar). Polygons in a
-    GeoPackage: the default style stored inside it (so ``pred.tif`` + ``pred.gpkg`` in one folder
-    do not fight over ``pred.qml``); other vector formats: a ``.qml`` unless one exists already.
-    """
-    if not classes or not os.path.exists(path):
-        return None
-    if kind == "raster":
-        layer = QgsRasterLayer(path, "prediction", "gdal")
-        ok = style_prediction(layer, classes)
-    else:
-        layer = QgsVectorLayer(path, "polygons", "ogr")
-        ok = style_polygons(layer, classes)
-    if not ok:
-        return None
-    qml = os.path.splitext(path)[0] + ".qml"
-    if kind != "raster":
-        if path.lower().endswith(".gpkg"):
-            error = layer.saveStyleToDatabase("geopeft classes", "GeoPEFT classes", True, "")
-            return None if error else path
-        if os.path.exists(qml):
-            return None
-    _message, saved = layer.saveNamedStyle(qml)
-    return qml if saved else None
+
+def save_polygon_style(path: str, classes: list[dict]) -> bool:
+    """Store the class style as the default style inside the engine's polygon GeoPackage, so it
+    opens styled by class anywhere (and ``pred.gpkg`` never picks up ``pred.tif``'s ``pred.qml``).
+    The class raster needs nothing: the engine writes its ``.qml`` beside it."""
+    if not classes or not os.path.isfile(path):
+        return False
+    layer = QgsVectorLayer(path, "polygons", "ogr")
+    if not style_polygons(layer, classes):
+        return False
+    return not layer.saveStyleToDatabase("geopeft classes", "GeoPEFT classes", True, "")

@@ -72,6 +72,9 @@ class PredictConfig:
     images: list[str]
     out: str
     probabilities: str | None = None
+    uncertainty: str | None = None  # GeoTIFF: normalised entropy 0-100, where to label next
+    polygons: str | None = None  # GeoPackage (.gpkg), layer "predictions"
+    min_area: float | None = None  # with polygons: drop smaller regions (CRS units²)
     bands: list[int] = field(default_factory=list)  # 1-based; empty: the card's band numbers
     batch_size: int | None = None
     device: str = "auto"
@@ -143,6 +146,12 @@ def predict_args(c: PredictConfig) -> list[str]:
     args += ["--out", c.out]
     if c.probabilities:
         args += ["--probabilities", c.probabilities]
+    if c.uncertainty:
+        args += ["--uncertainty", c.uncertainty]
+    if c.polygons:
+        args += ["--polygons", c.polygons]
+        if c.min_area:
+            args += ["--min-area", _num(c.min_area)]
     if c.batch_size:
         args += ["--batch-size", str(c.batch_size)]
     args += ["--device", c.device]
@@ -272,8 +281,16 @@ def validate_predict(c: PredictConfig) -> list[str]:
         problems.append("The predicted raster must be a GeoTIFF (.tif).")
     if c.probabilities and not c.probabilities.lower().endswith((".tif", ".tiff")):
         problems.append("The probabilities raster must be a GeoTIFF (.tif).")
-    if c.probabilities and os.path.abspath(c.probabilities) == os.path.abspath(c.out or ""):
-        problems.append("The probabilities raster needs its own file name.")
+    if c.uncertainty and not c.uncertainty.lower().endswith((".tif", ".tiff")):
+        problems.append("The uncertainty raster must be a GeoTIFF (.tif).")
+    if c.polygons and not c.polygons.lower().endswith(".gpkg"):
+        problems.append("Class polygons must be written to a GeoPackage (.gpkg).")
+    outputs = [os.path.abspath(p) for p in (c.out, c.probabilities, c.uncertainty, c.polygons) if p]
+    if len(set(outputs)) != len(outputs):
+        problems.append("Each output (classes, probabilities, uncertainty, polygons) needs its own "
+                        "file name.")
+    if c.min_area is not None and c.min_area < 0:
+        problems.append("The minimum polygon area must be 0 or more.")
     if c.device not in DEVICES:
         problems.append(f"Unknown device {c.device!r}.")
     return problems

@@ -1,4 +1,5 @@
-"""The Predict dialog: raster + model -> class raster (styled), probabilities, polygons."""
+"""The Predict dialog: raster + model -> class raster (styled), probabilities, uncertainty and
+class polygons, all written by the engine and added to the map styled."""
 from __future__ import annotations
 
 import os
@@ -7,13 +8,12 @@ from qgis.core import (
     Qgis,
     QgsApplication,
     QgsMapLayerProxyModel,
-    QgsProcessingContext,
-    QgsProcessingFeedback,
     QgsProject,
     QgsRasterLayer,
+    QgsUnitTypes,
     QgsVectorLayer,
 )
-from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
+from qgis.gui import QgsDoubleSpinBox, QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
 from qgis.PyQt.QtCore import QSize, Qt, QUrl
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
@@ -41,9 +41,8 @@ from ..core.commands import DEVICES, PredictConfig, predict_args, read_card, val
 from ..core.rasterinfo import band_descriptions, grid_problems
 from ..icons import icon
 from ..processing.base import ProgressMapper
-from ..processing.polygons import polygonize
-from ..styling import (classes_from_raster_file, normalise_classes, style_polygons,
-                       style_prediction, write_default_style)
+from ..styling import (classes_from_raster_file, normalise_classes, save_polygon_style,
+                       style_polygons, style_prediction, style_uncertainty)
 from .defaults import default_layers, results_folder
 from .engine_info import request_models_info
 from .messages import MessagePanel, show_error, show_problems
@@ -109,24 +108,28 @@ class PredictDialog(QDialog):
 
         outputs = QGroupBox("Outputs")
         oform = QFormLayout(outputs)
-        self.out = QgsFileWidget()
-        self.out.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
-        self.out.setFilter("GeoTIFF (*.tif)")
+        self.out = save_file_widget("GeoTIFF (*.tif)")
         oform.addRow("Classes raster", self.out)
-        self.want_probabilities = QCheckBox("Class probabilities")
-        self.probabilities = QgsFileWidget()
-        self.probabilities.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
-        self.probabilities.setFilter("GeoTIFF (*.tif)")
-        self.probabilities.setEnabled(False)
-        self.want_probabilities.toggled.connect(self.probabilities.setEnabled)
-        oform.addRow(self.want_probabilities, self.probabilities)
-        self.want_polygons = QCheckBox("Class polygons")
-        self.polygons = QgsFileWidget()
-        self.polygons.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
-        self.polygons.setFilter("GeoPackage (*.gpkg)")
-        self.polygons.setEnabled(False)
-        self.want_polygons.toggled.connect(self.polygons.setEnabled)
-        oform.addRow(self.want_polygons, self.polygons)
+        self.want_probabilities, self.probabilities = optional_output(
+            oform, "Class probabilities", "GeoTIFF (*.tif)",
+            "Per pixel, the probability of each class (percent), one band per class.")
+        self.want_uncertainty, self.uncertainty = optional_output(
+            oform, "Uncertainty (where to label next)", "GeoTIFF (*.tif)",
+            "Per pixel, how unsure the model is (0-100: normalised entropy of the class "
+            "probabilities). Label the dark red places next and train again.")
+        self.want_polygons, self.polygons = optional_output(
+            oform, "Polygons (GeoPackage)", "GeoPackage (*.gpkg)",
+            "The classes as polygons: fields class_value, class_name, area; styled by class.")
+        self.min_area = QgsDoubleSpinBox()
+        self.min_area.setRange(0, 1e12)
+        self.min_area.setDecimals(1)
+        self.min_area.setClearValue(0)
+        self.min_area.setSpecialValueText("keep all")
+        self.min_area.setToolTip("Drop polygons smaller than this area (in the raster's CRS "
+                                 "units squared); 0 keeps every region.")
+        self.min_area.setEnabled(False)
+        oform.addRow("Minimum area", self.min_area)
+        self.want_polygons.toggled.connect(self.min_area.setEnabled)
         self.device = QComboBox()
         for device in DEVICES:
             self.device.addItem(DEVICE_LABELS[device], device)
@@ -161,7 +164,7 @@ class PredictDialog(QDialog):
         layout.addWidget(self.status)
         layout.addWidget(self.messages)
         layout.addWidget(self.buttons)
-        self.resize(QSize(660, 700))
+        self.resize(QSize(660, 780))
         image, _labels = default_layers()  # the topmost multi-band raster: an image, not labels
         if image is not None:
             self.raster.setLayer(image)
@@ -182,6 +185,10 @@ class PredictDialog(QDialog):
     def _raster_changed(self, layer) -> None:
         self._suggest_output(layer)
         self._update_bands()
+        units = QgsUnitTypes.toAbbreviatedString(layer.crs().mapUnits()) if layer is not None else ""
+        self.min_area.setSuffix(f" {units}²" if units else "")
+        # areas in degrees² are tiny: room for them on a geographic CRS
+        self.min_area.setDecimals(10 if layer is not None and layer.crs().isGeographic() else 1)
 
     def _suggest_output(self, layer) -> None:
         if layer is None or self.out.filePath():
@@ -191,6 +198,7 @@ class PredictDialog(QDialog):
         base = os.path.join(folder, stem)
         self.out.setFilePath(base + "_classes.tif")
         self.probabilities.setFilePath(base + "_probabilities.tif")
+        self.uncertainty.setFilePath(base + "_uncertainty.tif")
         self.polygons.setFilePath(base + "_classes.gpkg")
 
     # -- bands: from the model card, matched by name --------------------------------------------
@@ -249,18 +257,22 @@ class PredictDialog(QDialog):
     def config(self) -> PredictConfig:
         layer = self.raster.currentLayer()
         chosen = self.chosen_bands()
+        polygons = self._optional_path(self.want_polygons, self.polygons)
         return PredictConfig(
             model=self.model.filePath().strip(),
             images=[layer.source()] if layer is not None else [],
             out=self.out.filePath().strip(),
-            probabilities=(self.probabilities.filePath().strip() or None)
-            if self.want_probabilities.isChecked() else None,
+            probabilities=self._optional_path(self.want_probabilities, self.probabilities),
+            uncertainty=self._optional_path(self.want_uncertainty, self.uncertainty),
+            polygons=polygons,
+            min_area=self.min_area.value() if polygons and self.min_area.value() > 0 else None,
             bands=chosen if chosen and None not in chosen else [],
             device=self.device.currentData(),
         )
 
-    def polygons_path(self) -> str | None:
-        return (self.polygons.filePath().strip() or None) if self.want_polygons.isChecked() else None
+    @staticmethod
+    def _optional_path(wanted: QCheckBox, widget: QgsFileWidget) -> str | None:
+        return (widget.filePath().strip() or None) if wanted.isChecked() else None
 
     def validate(self) -> list[str]:
         config = self.config()
@@ -272,14 +284,11 @@ class PredictDialog(QDialog):
             problems.append(f"Under Bands, choose the band of '{layer.name()}' that holds "
                             f"{', '.join(unset)} (the model needs {self.band_choice.rowCount()} "
                             f"bands; the raster has {layer.bandCount()}).")
-        if self.want_probabilities.isChecked() and not config.probabilities:
-            problems.append("Choose where to write the Class probabilities, or untick them.")
-        polygons = self.polygons_path()
-        if self.want_polygons.isChecked() and not polygons:
-            problems.append("Choose where to write the Class polygons, or untick them.")
-        if polygons and not polygons.lower().endswith((".gpkg", ".shp", ".geojson", ".fgb")):
-            problems.append("Class polygons must be written to a GeoPackage (.gpkg), Shapefile, "
-                            "GeoJSON or FlatGeobuf file.")
+        for wanted, path, what in ((self.want_probabilities, config.probabilities, "class probabilities"),
+                                   (self.want_uncertainty, config.uncertainty, "uncertainty raster"),
+                                   (self.want_polygons, config.polygons, "class polygons")):
+            if wanted.isChecked() and not path:
+                problems.append(f"Choose where to write the {what}, or untick it.")
         if config.images and layer is not None:
             problems += grid_problems(config.images)
         problems = list(dict.fromkeys(problems))
@@ -294,7 +303,6 @@ class PredictDialog(QDialog):
         if self.task is not None or self.validate():
             return None
         config = self.config()
-        polygons = self.polygons_path()
         args = predict_args(config)
         self.messages.clear()
         self.bar.clearWidgets()
@@ -302,20 +310,10 @@ class PredictDialog(QDialog):
         self.messages.start_log("<engine python> -m engine " + " ".join(args))
         log("Predict: <engine python> -m engine " + " ".join(args))
 
-        def after(result, task):  # worker thread: polygonise with QGIS's own algorithms
-            raster = result.artifact("raster") or {}
-            out = raster.get("path") or config.out
-            classes = normalise_classes(raster.get("classes")) or classes_from_raster_file(out)
-            write_default_style(out, classes, "raster")
-            polygon_path = None
-            if polygons:
-                feedback = QgsProcessingFeedback()
-                task.taskTerminated.connect(feedback.cancel)
-                polygon_path = polygonize(out, classes, polygons, QgsProcessingContext(), feedback,
-                                          child=False)
-                if polygon_path:
-                    write_default_style(polygon_path, classes, "vector")
-            return {"out": out, "classes": classes, "polygons": polygon_path}
+        card_classes = normalise_classes((self.card or {}).get("classes"))
+
+        def after(result, task):  # worker thread: file reads and the GeoPackage's default style
+            return prediction_results(result, config, card_classes)
 
         mapper = ProgressMapper("predict")
         self.task = EngineTask("GeoPEFT: prediction", settings.engine_python(), args,
@@ -340,7 +338,9 @@ class PredictDialog(QDialog):
         percent = self._mapper.percent(event)
         if percent is not None:
             self.progress.setValue(int(percent))
-            if event.get("total"):
+            if event.get("stage") == "polygons":
+                self.status.setText("Writing the class polygons…")
+            elif event.get("total"):
                 self.status.setText(f"Predicting: tile {event['step']}/{event['total']}")
         elif event["event"] == "warning":
             message = event.get("message", "")
@@ -370,28 +370,72 @@ class PredictDialog(QDialog):
             self.iface.messageBar().pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 0)
 
 
+def save_file_widget(file_filter: str) -> QgsFileWidget:
+    widget = QgsFileWidget()
+    widget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
+    widget.setFilter(file_filter)
+    return widget
+
+
+def optional_output(form: QFormLayout, text: str, file_filter: str, tooltip: str):
+    """A ticked-or-not output row: (checkbox, file widget enabled only while ticked)."""
+    wanted = QCheckBox(text)
+    wanted.setToolTip(tooltip)
+    widget = save_file_widget(file_filter)
+    widget.setEnabled(False)
+    wanted.toggled.connect(widget.setEnabled)
+    form.addRow(wanted, widget)
+    return wanted, widget
+
+
 def file_link(path: str) -> str:
     """An HTML link that opens ``path``'s folder (message bars and labels open it)."""
     folder = QUrl.fromLocalFile(os.path.dirname(os.path.abspath(path))).toString()
     return f'<a href="{folder}">{path}</a>'
 
 
+def prediction_results(result, config: PredictConfig, card_classes: list[dict]) -> dict:
+    """The engine's outputs from its ``artifact`` events (the paths asked for where it reported
+    none), with the classes: the raster artifact's, else the file's tag, else the model card's.
+    Runs on the task's worker thread."""
+    def path(kind: str, asked: str | None) -> str | None:
+        return (result.artifact(kind) or {}).get("path") or asked
+
+    raster = result.artifact("raster") or {}
+    out = raster.get("path") or config.out
+    classes = (normalise_classes(raster.get("classes")) or classes_from_raster_file(out)
+               or card_classes)
+    polygons = path("polygons", config.polygons) if config.polygons else None
+    if polygons:
+        save_polygon_style(polygons, classes)
+    return {"out": out, "classes": classes, "polygons": polygons,
+            "uncertainty": path("uncertainty", config.uncertainty) if config.uncertainty else None}
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path.split("|")[0]))[0]
+
+
 def add_results(results: dict) -> list:
-    """Add the class raster (paletted by class) and polygons (categorized) to the project."""
+    """Add the results to the project, each styled: the uncertainty (pseudocolour, below), the
+    class raster (paletted by class) and the polygons (categorized by class, on top)."""
     classes = results["classes"]
     added = []
-    raster = QgsRasterLayer(results["out"], os.path.splitext(os.path.basename(results["out"]))[0])
+    if results.get("uncertainty"):
+        uncertainty = QgsRasterLayer(results["uncertainty"], _stem(results["uncertainty"]))
+        if style_uncertainty(uncertainty):
+            added.append(uncertainty)
+    raster = QgsRasterLayer(results["out"], _stem(results["out"]))
     if raster.isValid():
         style_prediction(raster, classes)
-        QgsProject.instance().addMapLayer(raster)
         added.append(raster)
     if results.get("polygons"):
-        polygons = QgsVectorLayer(results["polygons"], os.path.splitext(
-            os.path.basename(results["polygons"].split("|")[0]))[0] + " polygons", "ogr")
+        polygons = QgsVectorLayer(results["polygons"], _stem(results["polygons"]) + " polygons", "ogr")
         if polygons.isValid():
             style_polygons(polygons, classes)
-            QgsProject.instance().addMapLayer(polygons)
             added.append(polygons)
+    for layer in added:
+        QgsProject.instance().addMapLayer(layer)
     return added
 
 

@@ -12,7 +12,7 @@ from ..layers import LayerError, layer_path as _layer_path
 # progress range (percent) of each engine stage, per command
 STAGES = {
     "train": {"prepare": (0, 5), "train": (5, 99), "validate": (5, 99)},
-    "predict": {"prepare": (0, 5), "predict": (5, 100)},
+    "predict": {"prepare": (0, 5), "predict": (5, 95), "polygons": (95, 100)},
     "export": {"prepare": (0, 10), "export": (10, 100)},
     "evaluate": {"prepare": (0, 10), "evaluate": (10, 100)},
 }
@@ -36,7 +36,7 @@ def describe_event(event: dict) -> str | None:
         return f"Warning: {event.get('message')}"
     if kind == "start":
         return f"GeoPEFT engine {event.get('engine_version', '')}: {event.get('command', '')}"
-    if kind == "progress" and event.get("message") and event.get("stage") == "prepare":
+    if kind == "progress" and event.get("message") and event.get("stage") in ("prepare", "polygons"):
         return event["message"]
     return None
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from qgis.core import (
     QgsMapLayer,
@@ -26,10 +25,9 @@ from ..core.bands import ModelsInfo, fetch_models_info
 from ..core.commands import DEVICES, PredictConfig, parse_bands, predict_args, read_card, validate_predict
 from ..core.engine_client import EngineError
 from ..core.rasterinfo import band_descriptions, grid_problems
-from ..styling import (classes_from_raster_file, normalise_classes, style_polygons,
-                       style_prediction, write_default_style)
+from ..styling import (classes_from_raster_file, normalise_classes, save_polygon_style,
+                       style_polygons, style_prediction, style_uncertainty)
 from .base import EngineAlgorithm, layer_path
-from .polygons import polygonize
 
 MODEL_FILTER = "GeoPEFT model (card.json *.onnx);;All files (*)"  # "(*)" lets a folder through
 
@@ -38,7 +36,8 @@ _POST_PROCESSORS: list = []
 
 
 class ClassStyler(QgsProcessingLayerPostProcessorInterface):
-    """Styles a result layer by class when Processing loads it into the project."""
+    """Styles a result layer when Processing loads it into the project: the class raster and
+    polygons by class, the uncertainty raster on its ramp (``kind``: raster/vector/uncertainty)."""
 
     def __init__(self, classes: list[dict], kind: str):
         super().__init__()
@@ -48,6 +47,8 @@ class ClassStyler(QgsProcessingLayerPostProcessorInterface):
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - Qt API
         if self.kind == "raster":
             style_prediction(layer, self.classes)
+        elif self.kind == "uncertainty":
+            style_uncertainty(layer)
         else:
             style_polygons(layer, self.classes)
 
@@ -68,7 +69,9 @@ class PredictAlgorithm(EngineAlgorithm):
     MODEL = "MODEL"
     OUTPUT = "OUTPUT"
     PROBABILITIES = "PROBABILITIES"
+    UNCERTAINTY = "UNCERTAINTY"
     POLYGONS = "POLYGONS"
+    MIN_AREA = "MIN_AREA"
     BATCH_SIZE = "BATCH_SIZE"
     DEVICE = "DEVICE"
     CLASSES = "CLASSES"
@@ -89,8 +92,10 @@ class PredictAlgorithm(EngineAlgorithm):
             "by name in the raster (B02 and BLUE count as the same band), else the band "
             "numbers of training are used; or give the band numbers, e.g. 2,3,4,9,12,13.\n\n"
             "<b>Output</b>: a class GeoTIFF on exactly the input grid, styled with the model's "
-            "class names and colours. Optionally the per-class probabilities and class polygons "
-            "(polygonised with GDAL, fields class_id and class_name, styled by class).")
+            "class names and colours. Optionally the per-class probabilities; the <b>uncertainty</b> "
+            "(0-100, normalised entropy of the probabilities: label the high places next); and "
+            "class <b>polygons</b> in a GeoPackage (fields class_value, class_name, area; styled "
+            "by class), without regions smaller than <b>Minimum polygon area</b> (CRS units²).")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Input raster")))
@@ -114,9 +119,15 @@ class PredictAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, self.tr("Classes")))
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.PROBABILITIES, self.tr("Class probabilities"), optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.UNCERTAINTY, self.tr("Uncertainty (where to label next)"), optional=True,
+            createByDefault=False))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.POLYGONS, self.tr("Class polygons"), QgsProcessing.TypeVectorPolygon,
+            self.POLYGONS, self.tr("Class polygons (GeoPackage)"), QgsProcessing.TypeVectorPolygon,
             optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.MIN_AREA, self.tr("Minimum polygon area (CRS units², with polygons; empty: keep all)"),
+            QgsProcessingParameterNumber.Double, optional=True, minValue=0))
         self.addOutput(QgsProcessingOutputString(self.CLASSES, self.tr("Classes (JSON)")))
 
     def bands(self, parameters, context, model: str, images: list[str], feedback) -> list[int]:
@@ -155,6 +166,15 @@ class PredictAlgorithm(EngineAlgorithm):
         if layer is None or None in images:
             raise QgsProcessingException(self.tr("Choose a file-based input raster."))
         probabilities = self.parameterAsOutputLayer(parameters, self.PROBABILITIES, context) or None
+        uncertainty = self.parameterAsOutputLayer(parameters, self.UNCERTAINTY, context) or None
+        polygons = self.parameterAsOutputLayer(parameters, self.POLYGONS, context) or None
+        if polygons and not polygons.split("|")[0].lower().endswith(".gpkg"):
+            raise QgsProcessingException(self.tr(
+                "Class polygons (POLYGONS) are written as a GeoPackage: give a .gpkg file "
+                "(got {}).").format(polygons))
+        min_area = parameters.get(self.MIN_AREA)
+        min_area = (None if min_area in (None, "") or not polygons
+                    else self.parameterAsDouble(parameters, self.MIN_AREA, context) or None)
         batch = parameters.get(self.BATCH_SIZE)
         model = self.parameterAsFile(parameters, self.MODEL, context)
         return PredictConfig(
@@ -163,6 +183,9 @@ class PredictAlgorithm(EngineAlgorithm):
             bands=self.bands(parameters, context, model, images, feedback),
             out=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             probabilities=probabilities,
+            uncertainty=uncertainty,
+            polygons=polygons.split("|")[0] if polygons else None,
+            min_area=min_area,
             batch_size=None if batch in (None, "") else self.parameterAsInt(parameters, self.BATCH_SIZE, context),
             device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
         )
@@ -178,19 +201,18 @@ class PredictAlgorithm(EngineAlgorithm):
         raster = result.artifact("raster") or {}
         out = raster.get("path") or config.out
         classes = normalise_classes(raster.get("classes")) or classes_from_raster_file(out)
-        write_default_style(out, classes, "raster")
         ClassStyler.attach(context, config.out, classes, "raster")
         results = {self.OUTPUT: out, self.CLASSES: json.dumps(classes),
-                   self.PROBABILITIES: None, self.POLYGONS: None}
-        if config.probabilities:
-            probs = result.artifact("probabilities") or {}
-            results[self.PROBABILITIES] = probs.get("path") or config.probabilities
-        polygons_out = self.parameterAsOutputLayer(parameters, self.POLYGONS, context)
-        if polygons_out:
-            feedback.pushInfo(self.tr("Polygonising the classes…"))
-            polygons = polygonize(out, classes, polygons_out, context, feedback)
-            if polygons and os.path.splitext(polygons.split("|")[0])[1]:
-                write_default_style(polygons.split("|")[0], classes, "vector")
-            ClassStyler.attach(context, polygons_out, classes, "vector")
-            results[self.POLYGONS] = polygons
+                   self.PROBABILITIES: None, self.UNCERTAINTY: None, self.POLYGONS: None}
+        for key, kind, asked in ((self.PROBABILITIES, "probabilities", config.probabilities),
+                                 (self.UNCERTAINTY, "uncertainty", config.uncertainty),
+                                 (self.POLYGONS, "polygons", config.polygons)):
+            if asked:
+                results[key] = (result.artifact(kind) or {}).get("path") or asked
+        if config.uncertainty:
+            ClassStyler.attach(context, config.uncertainty, classes, "uncertainty")
+        if config.polygons:
+            save_polygon_style(results[self.POLYGONS], classes)
+            ClassStyler.attach(context, self.parameterAsOutputLayer(parameters, self.POLYGONS, context),
+                               classes, "vector")
         return results

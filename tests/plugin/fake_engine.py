@@ -3,7 +3,10 @@
 Commands: ``train`` (progress every 50 ms until SIGTERM/'cancel' on stdin, then writes and
 reports done cancelled), ``usererror`` (error event + exit 2), ``crash`` (traceback, exit 3),
 ``silent`` (no output for a long time, honours SIGTERM), ``noengine`` (like a Python without
-the engine), ``leak`` (reports its environment), ``echo`` (done at once, reporting its argv). ``$FAKE_ENGINE_MODE`` overrides the command.
+the engine), ``leak`` (reports its environment), ``echo`` (done at once, reporting its argv), ``predict``
+(writes small outputs on the input's grid as the real engine names them: class raster, uncertainty
+uint8 0-100 with nodata 255, polygons GeoPackage layer "predictions" with class_value,
+class_name, area; reports each as an artifact). ``$FAKE_ENGINE_MODE`` overrides the command.
 """
 import json
 import os
@@ -26,6 +29,75 @@ if "--cancel-on-stdin" in args:
 
 def emit(event, **fields):
     print(json.dumps({"v": 1, "event": event, **fields}), flush=True)
+
+
+def option(name, default=None):
+    return args[args.index(name) + 1] if name in args else default
+
+
+def fake_predict():
+    """Classes in vertical stripes (one per class of the card), uncertainty rising left to right."""
+    import numpy as np
+    from osgeo import gdal, ogr, osr
+
+    model = option("--model")
+    card = os.path.join(model, "card.json") if os.path.isdir(model) else model
+    with open(card, encoding="utf-8") as f:
+        classes = json.load(f).get("classes") or [{"value": 1, "name": "a", "colour": "#1f78b4"}]
+    src = gdal.Open(option("--image"))
+    width, height = src.RasterXSize, src.RasterYSize
+    transform, projection = src.GetGeoTransform(), src.GetProjection()
+    stripe = -(-width // len(classes))
+    values = np.array([c["value"] for c in classes], dtype="uint8")
+    cols = np.arange(width) // stripe
+    grid = np.broadcast_to(values[cols], (height, width))
+
+    def write_tif(path, array, nodata):
+        ds = gdal.GetDriverByName("GTiff").Create(path, width, height, 1, gdal.GDT_Byte)
+        ds.SetGeoTransform(transform)
+        ds.SetProjection(projection)
+        ds.GetRasterBand(1).SetNoDataValue(nodata)
+        ds.GetRasterBand(1).WriteArray(array)
+        ds = None
+
+    write_tif(option("--out"), grid, 0)
+    emit("progress", stage="predict", step=1, total=1)
+    emit("artifact", kind="raster", path=option("--out"), classes=classes, nodata=0)
+    if option("--uncertainty"):
+        ramp = (np.arange(width) * 100 // max(width - 1, 1)).astype("uint8")
+        uncertainty = np.broadcast_to(ramp, (height, width)).copy()
+        uncertainty[0, :] = 255  # a nodata row
+        write_tif(option("--uncertainty"), uncertainty, 255)
+        emit("artifact", kind="uncertainty", path=option("--uncertainty"), nodata=255,
+             measure="normalised entropy × 100")
+    if option("--polygons"):
+        min_area = float(option("--min-area", 0))
+        ds = ogr.GetDriverByName("GPKG").CreateDataSource(option("--polygons"))
+        srs = osr.SpatialReference(wkt=projection) if projection else None
+        layer = ds.CreateLayer("predictions", srs, ogr.wkbPolygon)
+        layer.CreateField(ogr.FieldDefn("class_value", ogr.OFTInteger))
+        layer.CreateField(ogr.FieldDefn("class_name", ogr.OFTString))
+        layer.CreateField(ogr.FieldDefn("area", ogr.OFTReal))
+        x0, dx, _, y0, _, dy = transform
+        count = 0
+        for i, c in enumerate(classes):
+            left, right = x0 + i * stripe * dx, x0 + min((i + 1) * stripe, width) * dx
+            top, bottom = y0, y0 + height * dy
+            ring = f"POLYGON(({left} {top},{right} {top},{right} {bottom},{left} {bottom},{left} {top}))"
+            geometry = ogr.CreateGeometryFromWkt(ring)
+            if geometry.GetArea() < min_area:
+                continue
+            feature = ogr.Feature(layer.GetLayerDefn())
+            feature.SetField("class_value", int(c["value"]))
+            feature.SetField("class_name", c["name"])
+            feature.SetField("area", geometry.GetArea())
+            feature.SetGeometry(geometry)
+            layer.CreateFeature(feature)
+            count += 1
+        ds = None
+        emit("artifact", kind="polygons", path=option("--polygons"), layer="predictions",
+             polygons=count)
+    emit("done", ok=True, cancelled=False, out=option("--out"))
 
 
 emit("start", command=command, engine_version="fake")
@@ -55,6 +127,8 @@ elif command == "silent":
 elif command == "noengine":
     print("/usr/bin/python3: No module named engine", file=sys.stderr, flush=True)
     sys.exit(1)
+elif command == "predict":
+    fake_predict()
 elif command == "echo":
     emit("done", ok=True, cancelled=False, argv=args)
 elif command == "leak":

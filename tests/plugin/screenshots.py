@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     predict.model.setFilePath("/home/analyst/floods/models/S2Hand")
     predict.model.blockSignals(False)
     predict.out.setFilePath("/home/analyst/floods/results/S2Hand_classes.tif")
+    predict.want_uncertainty.setChecked(True)
+    predict.uncertainty.setFilePath("/home/analyst/floods/results/S2Hand_uncertainty.tif")
     predict.want_polygons.setChecked(True)
     predict.polygons.setFilePath("/home/analyst/floods/results/S2Hand_classes.gpkg")
     predict.probabilities.setFilePath("/home/analyst/floods/results/S2Hand_probabilities.tif")

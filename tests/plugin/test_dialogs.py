@@ -14,9 +14,11 @@ from qgis.core import (
     QgsProject,
     QgsRasterLayer,
     QgsRendererCategory,
+    QgsSingleBandPseudoColorRenderer,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QCoreApplication
+from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QPlainTextEdit
 
 from plugin_testdata import BANDS, CLASSES, needs_engine
@@ -234,6 +236,29 @@ def test_predict_dialog_populates_and_builds_the_command(qgis_iface, project, da
     assert d.command() == ["predict", "--model", str(model), "--image", str(data["scene"]),
                            "--bands", "1,2,3,4,5,6", "--out", str(tmp_path / "pred.tif"), "--probabilities",
                            str(tmp_path / "probs.tif"), "--device", "cpu"]
+    # the new outputs are suggested beside the input, and passed only when ticked
+    assert d.uncertainty.filePath().endswith("scene_uncertainty.tif")
+    assert d.polygons.filePath().endswith("scene_classes.gpkg")
+    assert not d.min_area.isEnabled() and d.min_area.suffix() == " m²"
+    d.min_area.setValue(500)  # not passed while polygons are off
+    assert "--min-area" not in d.command() and "--uncertainty" not in d.command()
+    d.want_uncertainty.setChecked(True)
+    d.uncertainty.setFilePath(str(tmp_path / "unc.tif"))
+    d.want_polygons.setChecked(True)
+    d.polygons.setFilePath(str(tmp_path / "pred.gpkg"))
+    assert d.min_area.isEnabled()
+    assert d.validate() == []
+    assert d.command()[-10:] == ["--probabilities", str(tmp_path / "probs.tif"),
+                                 "--uncertainty", str(tmp_path / "unc.tif"),
+                                 "--polygons", str(tmp_path / "pred.gpkg"), "--min-area", "500",
+                                 "--device", "cpu"]
+    d.min_area.setValue(0)  # "keep all": no --min-area
+    assert "--min-area" not in d.command() and "--polygons" in d.command()
+    d.polygons.setFilePath(str(tmp_path / "pred.shp"))
+    assert any("GeoPackage" in p for p in d.validate())
+    d.uncertainty.setFilePath(str(tmp_path / "pred.tif"))
+    assert any("its own file name" in p for p in d.validate())
+    d.want_uncertainty.setChecked(False)
     # invalid: not a model, not a GeoTIFF, polygons without a path
     d.model.setFilePath(str(tmp_path))
     d.out.setFilePath(str(tmp_path / "pred.png"))
@@ -274,6 +299,71 @@ def test_crashed_engine_shows_its_error_output(qgis_iface, project, tmp_path, fa
     d.close()
 
 
+def model_folder(tmp_path, classes=CLASSES):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "card.json").write_text(json.dumps({
+        "backbone": {"name": "prithvi_eo_v2_tiny"}, "tuning": {"method": "lora"},
+        "classes": classes, "input": {"band_names": BANDS}}))
+    return model
+
+
+def test_predict_dialog_adds_uncertainty_and_polygons_styled(qgis_iface, project, tmp_path,
+                                                             fake_python, monkeypatch):
+    """The engine's artifacts (fake engine: real files) land on the map, each styled."""
+    from qgis_plugin.dialogs.predict_dialog import PredictDialog
+    monkeypatch.setenv("GEOPEFT_ENGINE_PYTHON", fake_python)
+    d = PredictDialog(qgis_iface)
+    d.raster.setLayer(project["scene"])
+    d.model.setFilePath(str(model_folder(tmp_path)))
+    d.out.setFilePath(str(tmp_path / "pred.tif"))
+    d.want_uncertainty.setChecked(True)
+    d.uncertainty.setFilePath(str(tmp_path / "unc.tif"))
+    d.want_polygons.setChecked(True)
+    d.polygons.setFilePath(str(tmp_path / "pred.gpkg"))
+    d.min_area.setValue(1.0)
+    assert d.start() is not None
+    wait_for(lambda: d.task is None, 60)
+    assert d.progress.value() == 100, bar_text(d) + d.messages.text.toPlainText()
+    uncertainty, raster, polygons = d.added_layers
+    assert all(QgsProject.instance().mapLayer(x.id()) is x for x in d.added_layers)
+    assert [x.name() for x in d.added_layers] == ["unc", "pred", "pred polygons"]
+    # uncertainty: pseudocolour 0-100 on a sequential ramp, legend low -> high, nodata clear
+    renderer = uncertainty.renderer()
+    assert isinstance(renderer, QgsSingleBandPseudoColorRenderer) and renderer.band() == 1
+    assert (renderer.classificationMin(), renderer.classificationMax()) == (0, 100)
+    items = renderer.shader().rasterShaderFunction().colorRampItemList()
+    assert [i.value for i in items] == [0, 25, 50, 75, 100]
+    assert "low uncertainty" in items[0].label and "high uncertainty" in items[-1].label
+    lightness = [i.color.lightness() for i in items]
+    assert lightness == sorted(lightness, reverse=True)  # sequential: darker = less sure
+    legend = [label for label, _colour in renderer.legendSymbologyItems()]
+    assert "low uncertainty" in legend[0] and "high uncertainty" in legend[-1]
+    provider = uncertainty.dataProvider()
+    assert provider.sourceHasNoDataValue(1) and provider.sourceNoDataValue(1) == 255
+    assert provider.useSourceNoDataValue(1)
+    block = renderer.block(1, uncertainty.extent(), uncertainty.width(), uncertainty.height())
+    assert QColor.fromRgba(block.color(0, 5)).alpha() == 0  # the nodata row is transparent
+    assert QColor.fromRgba(block.color(5, 0)).alpha() == 255
+    assert QColor.fromRgba(block.color(5, 0)).name() == "#ffffb2"  # 0 at the left edge
+    # class raster: paletted by class as before
+    assert isinstance(raster.renderer(), QgsPalettedRasterRenderer)
+    assert [c.label for c in raster.renderer().classes()] == [c["name"] for c in CLASSES]
+    # polygons: one category per class, by class_value, in the class colours and names
+    assert isinstance(polygons.renderer(), QgsCategorizedSymbolRenderer)
+    assert polygons.renderer().classAttribute() == "class_value"
+    assert [(c.value(), c.label(), c.symbol().color().name()) for c in polygons.renderer().categories()] \
+        == [(c["value"], c["name"], c["colour"]) for c in CLASSES]
+    assert sorted(polygons.uniqueValues(polygons.fields().indexOf("class_value"))) == [1, 2, 3, 4]
+    # the GeoPackage opens styled by class anywhere (default style stored inside it)
+    reopened = QgsVectorLayer(str(tmp_path / "pred.gpkg"), "again", "ogr")
+    assert reopened.renderer().type() == "categorizedSymbol"
+    assert reopened.renderer().classAttribute() == "class_value"
+    assert d.command()[d.command().index("--polygons"):][:4] == [
+        "--polygons", str(tmp_path / "pred.gpkg"), "--min-area", "1"]
+    d.close()
+
+
 @needs_engine
 def test_predict_dialog_runs_and_adds_styled_layers(qgis_iface, project, trained_model, tmp_path):
     from qgis_plugin.dialogs.predict_dialog import PredictDialog
@@ -281,6 +371,8 @@ def test_predict_dialog_runs_and_adds_styled_layers(qgis_iface, project, trained
     d.raster.setLayer(project["scene"])
     d.model.setFilePath(str(trained_model))
     d.out.setFilePath(str(tmp_path / "pred.tif"))
+    d.want_uncertainty.setChecked(True)
+    d.uncertainty.setFilePath(str(tmp_path / "unc.tif"))
     d.want_polygons.setChecked(True)
     d.polygons.setFilePath(str(tmp_path / "pred.gpkg"))
     d.device.setCurrentIndex(d.device.findData("cpu"))
@@ -291,13 +383,16 @@ def test_predict_dialog_runs_and_adds_styled_layers(qgis_iface, project, trained
     # success in QGIS's message bar, with a link that opens the output's folder
     success = qgis_iface.messageBar().get_messages(Qgis.Success)
     assert success and f'<a href="file://{tmp_path}">{tmp_path / "pred.tif"}</a>' in success[-1]
-    raster, polygons = d.added_layers
+    uncertainty, raster, polygons = d.added_layers
     assert QgsProject.instance().mapLayer(raster.id()) is raster
+    assert isinstance(uncertainty.renderer(), QgsSingleBandPseudoColorRenderer)
+    assert uncertainty.dataProvider().sourceNoDataValue(1) == 255
     assert isinstance(raster.renderer(), QgsPalettedRasterRenderer)
     assert [c.label for c in raster.renderer().classes()] == [c["name"] for c in CLASSES]
     assert (raster.width(), raster.height()) == (project["scene"].width(), project["scene"].height())
     assert isinstance(polygons.renderer(), QgsCategorizedSymbolRenderer)
-    assert polygons.renderer().classAttribute() == "class_id"
+    assert polygons.renderer().classAttribute() == "class_value"
+    assert [c.label() for c in polygons.renderer().categories()] == [c["name"] for c in CLASSES]
     d.close()
 
 

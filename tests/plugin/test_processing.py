@@ -7,14 +7,20 @@ from pathlib import Path
 import pytest
 from qgis.core import (
     QgsApplication,
+    QgsCategorizedSymbolRenderer,
     QgsPalettedRasterRenderer,
+    QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
+    QgsProcessingOutputLayerDefinition,
+    QgsProcessingUtils,
+    QgsProject,
     QgsRasterLayer,
+    QgsSingleBandPseudoColorRenderer,
     QgsVectorLayer,
 )
 
-from plugin_testdata import CLASSES, needs_engine, tiny_train_parameters
+from plugin_testdata import BANDS, CLASSES, needs_engine, tiny_train_parameters
 
 ALGORITHMS = ("train", "predict", "export_onnx", "evaluate")
 
@@ -60,9 +66,12 @@ def test_predict_returns_styled_layers_on_the_input_grid(trained_model, data, tm
     result = run("predict", {"INPUT": str(data["scene"]), "MODEL": str(trained_model / "card.json"),
                              "OUTPUT": str(tmp_path / "pred.tif"),
                              "PROBABILITIES": str(tmp_path / "probs.tif"),
+                             "UNCERTAINTY": str(tmp_path / "unc.tif"),
                              "POLYGONS": str(tmp_path / "pred.gpkg"), "DEVICE": 1})
     layer = assert_on_grid(result["OUTPUT"], data["scene"])
     assert_on_grid(result["PROBABILITIES"], data["scene"])
+    uncertainty = assert_on_grid(result["UNCERTAINTY"], data["scene"])
+    assert uncertainty.dataProvider().sourceNoDataValue(1) == 255
     # the class raster opens styled by class (sidecar .qml written next to it)
     assert isinstance(layer.renderer(), QgsPalettedRasterRenderer)
     labels = {c.label for c in layer.renderer().classes()}
@@ -70,9 +79,88 @@ def test_predict_returns_styled_layers_on_the_input_grid(trained_model, data, tm
     assert {c["name"] for c in json.loads(result["CLASSES"])} == labels
     polygons = QgsVectorLayer(result["POLYGONS"], "polygons", "ogr")
     assert polygons.isValid() and polygons.featureCount() > 0
-    assert {"class_id", "class_name"} <= set(polygons.fields().names())
+    assert {"class_value", "class_name", "area"} <= set(polygons.fields().names())
     assert set(polygons.uniqueValues(polygons.fields().indexOf("class_name"))) <= labels
-    assert polygons.renderer().type() == "categorizedSymbol"
+    assert polygons.renderer().type() == "categorizedSymbol"  # style stored in the GeoPackage
+    assert polygons.renderer().classAttribute() == "class_value"
+
+
+def run_and_load(params: dict, loaded: tuple[str, ...]) -> tuple[dict, dict]:
+    """Run geopeft:predict as the toolbox does with 'open output file after running': outputs
+    to load into the project, then load them as QGIS does, post-processors (styles) included."""
+    from qgis import processing
+    project = QgsProject.instance()
+    context = QgsProcessingContext()
+    context.setProject(project)
+    feedback = QgsProcessingFeedback()
+    params = {k: QgsProcessingOutputLayerDefinition(v, project) if k in loaded else v
+              for k, v in params.items()}
+    result = processing.run("geopeft:predict", params, context=context, feedback=feedback)
+    layers = {}
+    for source, details in context.layersToLoadOnCompletion().items():
+        layer = QgsProcessingUtils.mapLayerFromString(source, context)
+        assert layer is not None and layer.isValid(), source
+        layer.setName(details.name)
+        if details.postProcessor():
+            details.postProcessor().postProcessLayer(layer, context, feedback)
+        project.addMapLayer(layer)
+        layers[source] = layer
+    return result, layers
+
+
+def test_predict_returns_and_loads_uncertainty_and_polygons_styled(
+        provider, data, tmp_path, fake_python, monkeypatch, qgis_new_project):
+    """The fake engine writes real files and reports them; Processing returns and loads each,
+    styled: class raster paletted, uncertainty pseudocolour 0-100, polygons by class_value."""
+    monkeypatch.setenv("GEOPEFT_ENGINE_PYTHON", fake_python)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "card.json").write_text(json.dumps({"classes": CLASSES, "input": {"band_names": BANDS}}))
+    out, unc, gpkg = (str(tmp_path / name) for name in ("pred.tif", "unc.tif", "pred.gpkg"))
+    result, layers = run_and_load(
+        {"INPUT": str(data["scene"]), "MODEL": str(model / "card.json"), "BANDS": "1,2,3,4,5,6",
+         "OUTPUT": out, "UNCERTAINTY": unc, "POLYGONS": gpkg, "MIN_AREA": 2.5},
+        loaded=("OUTPUT", "UNCERTAINTY", "POLYGONS"))
+    assert (result["OUTPUT"], result["UNCERTAINTY"], result["POLYGONS"]) == (out, unc, gpkg)
+    assert result["PROBABILITIES"] is None
+    assert set(layers) == {out, unc, gpkg}
+    assert isinstance(layers[out].renderer(), QgsPalettedRasterRenderer)
+    renderer = layers[unc].renderer()
+    assert isinstance(renderer, QgsSingleBandPseudoColorRenderer)
+    assert (renderer.classificationMin(), renderer.classificationMax()) == (0, 100)
+    legend = [label for label, _colour in renderer.legendSymbologyItems()]
+    assert "low uncertainty" in legend[0] and "high uncertainty" in legend[-1]
+    polygons = layers[gpkg].renderer()
+    assert isinstance(polygons, QgsCategorizedSymbolRenderer)
+    assert polygons.classAttribute() == "class_value"
+    assert [(c.value(), c.label(), c.symbol().color().name()) for c in polygons.categories()] \
+        == [(c["value"], c["name"], c["colour"]) for c in CLASSES]
+
+
+def test_predict_passes_new_output_flags_only_when_set(provider, data, tmp_path, fake_python,
+                                                       monkeypatch):
+    from qgis_plugin.core.commands import predict_args
+    from qgis_plugin.processing.predict import PredictAlgorithm
+    alg = PredictAlgorithm()
+    alg.initAlgorithm()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "card.json").write_text(json.dumps({"classes": CLASSES}))
+    base = {"INPUT": str(data["scene"]), "MODEL": str(model), "BANDS": "1,2",
+            "OUTPUT": str(tmp_path / "pred.tif")}
+    context, feedback = QgsProcessingContext(), QgsProcessingFeedback()
+    plain = predict_args(alg.config(base, context, feedback))
+    assert not {"--uncertainty", "--polygons", "--min-area"} & set(plain)
+    # MIN_AREA alone is meaningless: not passed without polygons
+    assert "--min-area" not in predict_args(alg.config({**base, "MIN_AREA": 10}, context, feedback))
+    args = predict_args(alg.config({**base, "UNCERTAINTY": str(tmp_path / "u.tif"),
+                                    "POLYGONS": str(tmp_path / "p.gpkg"), "MIN_AREA": 10},
+                                   context, feedback))
+    assert args[args.index("--uncertainty"):][:6] == [
+        "--uncertainty", str(tmp_path / "u.tif"), "--polygons", str(tmp_path / "p.gpkg"),
+        "--min-area", "10"]
+    with pytest.raises(QgsProcessingException, match="GeoPackage"):
+        alg.config({**base, "POLYGONS": str(tmp_path / "p.shp")}, context, feedback)
 
 
 @needs_engine
