@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. m²)")
     p.add_argument("--simplify", type=float, help="with --polygons: simplify the outlines with this tolerance "
                    "(CRS units; needs shapely)")
+    p.add_argument("--aoi", help="predict only inside this area: a box minx,miny,maxx,maxy in the image's CRS "
+                   "(or minx,miny,maxx,maxy@EPSG:4326 in another), or a polygon file (GeoPackage, GeoJSON, "
+                   "Shapefile); outside is nodata, outputs stay on the image's grid. A box starting with a minus sign: "
+                   "--aoi=-10.5,…")
+    p.add_argument("--aoi-layer", help="with a multi-layer --aoi file: the layer of polygons")
+    p.add_argument("--mask", metavar="TIF", help="predict only where this raster, on the image's grid, is non-zero")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--overlap", type=int, help="tile overlap in pixels (default: a quarter tile)")
     p.add_argument("--device", default="auto")
@@ -157,7 +163,7 @@ def cmd_predict(a, reporter: Reporter) -> dict:
     summary = predict(a.model, a.image, a.out, probabilities=a.probabilities, uncertainty=a.uncertainty,
                       polygons=a.polygons, min_area=a.min_area, simplify=a.simplify, batch_size=a.batch_size,
                       overlap=a.overlap, device=a.device, bands=parse_band_list(a.bands),
-                      precision=a.precision, reporter=reporter)
+                      precision=a.precision, aoi=a.aoi, aoi_layer=a.aoi_layer, mask=a.mask, reporter=reporter)
     if reporter.mode == "human" and summary.get("out"):
         print(f"prediction written to {summary['out']} ({summary['tiles']} tiles in {summary['seconds']} s, "
               f"{summary['runner']} on {summary['device']}, {summary['precision']})")

@@ -1,6 +1,9 @@
 """Input rasters: several files on one grid, stacked band-wise, read window by window.
 
-A pixel is valid when none of the selected bands holds its file's nodata value (or NaN).
+A pixel is valid when none of the selected bands holds its file's nodata value (or NaN) and
+the file's dataset mask (an alpha band, a GDAL internal or .msk mask) does not mark it invalid:
+an RGBA or masked GeoTIFF's transparent pixels are nodata. An alpha band stays a band index
+like any other (band selection is unchanged); only its effect on validity is new.
 Reads are boundless: a window reaching past the raster edge comes back padded with invalid
 pixels, so tiles at the edges need no special case.
 """
@@ -18,6 +21,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.enums import MaskFlags
 from rasterio.errors import CRSError, RasterioIOError
 from rasterio.windows import Window
 
@@ -140,6 +144,10 @@ class RasterStack:
             self.band_names.append((ds.descriptions[b - 1] or "").strip())
             self.nodata.append(ds.nodatavals[b - 1])
         self.dtype = np.result_type(*[self._datasets[i].dtypes[b - 1] for i, b in self._sources])
+        # selected bands whose validity comes from a dataset mask (alpha band, internal/.msk
+        # mask), not only from the nodata value: read_masks is read only for those
+        self._masked = {(i, b) for i, b in self._sources
+                        if _has_dataset_mask(self._datasets[i].mask_flag_enums[b - 1])}
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """(data float32 [C, h, w], valid bool [h, w]) for a window; outside the raster is invalid.
@@ -163,6 +171,11 @@ class RasterStack:
         for i, items in by_file.items():
             ds = self._datasets[i]
             arr = ds.read([b for _, b in items], window=inner)
+            per_dataset = False
+            for k, b in items:
+                if (i, b) in self._masked and not per_dataset:
+                    ok &= ds.read_masks(b, window=inner) != 0
+                    per_dataset = MaskFlags.per_dataset in ds.mask_flag_enums[b - 1]  # one read suffices
             for (k, b), band in zip(items, arr):
                 nd = ds.nodatavals[b - 1]
                 band = band.astype(np.float32, copy=False)
@@ -217,6 +230,12 @@ class RasterStack:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _has_dataset_mask(flags) -> bool:
+    """True when a band's validity is a mask to read (alpha or per-dataset mask), False when it is
+    all valid or given by the nodata value alone (checked by value, much cheaper)."""
+    return not (MaskFlags.all_valid in flags or MaskFlags.nodata in flags)
 
 
 @contextlib.contextmanager

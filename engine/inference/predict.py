@@ -7,6 +7,12 @@ tile can touch are written out. Memory is O(tile × raster width), not O(raster)
 Outputs are on exactly the input grid; nodata input pixels stay nodata. Before it runs, the
 raster is checked against the model card (``checks``).
 
+An area of interest (``aoi``: a bounding box or polygons) and/or a ``mask`` raster limit where it
+predicts (``aoi.Region``, rasterised per strip): tiles with no pixel inside are never run, strips
+with none are not even read, and pixels outside are nodata in every output. The outputs stay on
+the full input grid. Tiles inside still see the image around the AOI, so predictions inside
+equal those of a prediction of the whole raster. Cancel is checked before every batch.
+
 The same loop writes the optional per-class probabilities and per-pixel uncertainty. The rasters
 are then copied as cloud-optimised GeoTIFFs with overviews, the class raster optionally
 vectorised into a GeoPackage, and a QGIS style written beside it (``outputs``); every file is
@@ -25,6 +31,7 @@ from rasterio.windows import Window
 
 from engine.data.chips import blend_weights, normalise, tile_starts
 from engine.data.rasters import RasterStack, atomic_output, colormap
+from engine.inference.aoi import load_region
 from engine.inference.checks import check_image, check_outputs
 from engine.inference.outputs import (POLYGON_LAYER, UNCERTAINTY_NODATA, _PolygonsCancelled, check_output_options,
                                       style_path, to_cog, uncertainty_uint8, write_polygons, write_style)
@@ -49,12 +56,13 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                    polygons: str | os.PathLike | None = None, min_area: float | None = None,
                    simplify: float | None = None, batch_size: int = 8, overlap: int | None = None,
                    device: str = "auto", bands: list[int] | None = None, precision: str = "auto",
-                   reporter: Reporter | None = None) -> dict:
+                   aoi: str | os.PathLike | None = None, aoi_layer: str | None = None,
+                   mask: str | os.PathLike | None = None, reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
     check_output_options(polygons, min_area, simplify)
     style = style_path(out)
-    check_outputs(images, out=out, probabilities=probabilities, uncertainty=uncertainty, polygons=polygons,
+    check_outputs([*images, *([mask] if mask else [])], out=out, probabilities=probabilities, uncertainty=uncertainty, polygons=polygons,
                   style=style)
     runner = load_runner(model, device, reporter, precision)
     card = runner.card
@@ -68,10 +76,13 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
     values = np.array([c["value"] for c in classes])
     dtype, nodata = output_dtype(classes)
     polygon_summary = None
-    with RasterStack(images, bands or inp["bands"]) as stack:
+    with RasterStack(images, bands or inp["bands"]) as stack, contextlib.ExitStack() as inputs:
         check_image(stack, card, reporter)
         stack.check_has_data()
         grid = stack.grid
+        region = load_region(grid, aoi, aoi_layer, mask)
+        if region is not None:
+            inputs.callback(region.close)
         H, W = grid.height, grid.width
         width = max(W, size)
         rows, cols = tile_starts(H, size, stride), tile_starts(W, size, stride)
@@ -81,7 +92,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                    "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
                    "BIGTIFF": "IF_SAFER"}
         total_tiles = len(rows) * len(cols)
-        done_tiles = 0
+        done_tiles = run_tiles = 0
         with contextlib.ExitStack() as outputs:
             # Every output goes to a temporary name, renamed onto its path only if all succeed. The
             # rasters are streamed into scratch GeoTIFFs, then copied to their temporary names as
@@ -125,15 +136,26 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                         wsum[:size - shift] = wsum[shift:]
                         wsum[size - shift:] = 0
                         base = r
-                    data, valid = stack.read(Window(0, r, width, size))
-                    x = normalise(data, valid, inp["mean"], inp["std"])
-                    todo = [c for c in cols if valid[:, c:c + size].any()]  # skip all-nodata tiles
+                    strip = Window(0, r, width, size)
+                    inside = region.inside(strip) if region is not None else None
+                    if inside is not None and not inside.any():  # nothing to predict: not even read
+                        valid = inside
+                    else:
+                        data, valid = stack.read(strip)
+                        # the model sees the image around the region; only outputs are limited to it
+                        x = normalise(data, valid, inp["mean"], inp["std"])
+                        if inside is not None:
+                            valid = valid & inside
+                    todo = [c for c in cols if valid[:, c:c + size].any()]  # skip tiles with nothing to predict
                     for b in range(0, len(todo), batch_size):
+                        if reporter.cancelled:
+                            raise _Cancelled
                         chunk = todo[b:b + batch_size]
                         probs = runner(np.stack([x[:, :, c:c + size] for c in chunk]))
                         for c, p in zip(chunk, probs):
                             acc[:, :, c:c + size] += p * weights
                             wsum[:, c:c + size] += weights
+                    run_tiles += len(todo)
                     done_tiles += len(cols)
                     end = rows[i + 1] if i + 1 < len(rows) else H
                     n = min(end, H) - r
@@ -148,7 +170,10 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                         pdst.write(pct, window=Window(0, r, W, n))
                     if udst:
                         udst.write(uncertainty_uint8(p, ok), 1, window=Window(0, r, W, n))
-                    reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles)
+                    reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles, run=run_tiles)
+                if region is not None and run_tiles == 0:
+                    reporter.warning("no valid image pixel inside the area of interest / mask: every output "
+                                     "is nodata")
             finally:
                 for ds in (dst, pdst, udst):
                     if ds:
@@ -183,7 +208,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             "uncertainty": str(uncertainty) if uncertainty else None,
             "polygons": str(polygons) if polygons else None, "style": str(style),
             "polygon_count": polygon_summary["polygons"] if polygon_summary else None,
-            "tiles": total_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
+            "tiles": total_tiles, "tiles_run": run_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
             "precision": "bf16" if getattr(runner, "bf16", False) else "fp32",
             "device": str(runner.device), "classes": classes}
 
@@ -201,7 +226,10 @@ def predict(model, images, out, **kwargs) -> dict:
     """Predict ``images`` (paths on one grid) with ``model`` (model folder, its card.json, or an
     .onnx file) into the GeoTIFF ``out`` (cloud-optimised, with a QGIS style ``out.qml`` beside
     it). Keyword options: ``probabilities``, ``uncertainty`` (GeoTIFF paths), ``polygons``
-    (GeoPackage path) with ``min_area`` and ``simplify`` (CRS units), ``batch_size``, ``overlap`` (pixels), ``device``, ``bands``, ``precision``, ``reporter``.
+    (GeoPackage path) with ``min_area`` and ``simplify`` (CRS units), ``batch_size``, ``overlap``
+    (pixels), ``device``, ``bands``, ``precision``, ``aoi`` (``minx,miny,maxx,maxy`` in the image's
+    CRS, ``…@EPSG:code`` in another, or a polygon vector file) with ``aoi_layer``, ``mask`` (a
+    raster on the image's grid, non-zero = predict), ``reporter``.
     A cancel through the reporter stops cleanly and leaves no output behind."""
     try:
         return _run_prediction(model, images, out, **kwargs)
