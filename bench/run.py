@@ -6,6 +6,7 @@ results print as one table, beside the peers' numbers measured on this kind of m
     python bench/run.py            # the default set (~10 min on 2 cores)
     python bench/run.py --quick    # smaller rasters, fewer steps (smoke test)
     python bench/run.py --large    # adds the 8192² raster
+    python bench/run.py --prediction-only   # only the per-tile and 2048² prediction rows
 """
 from __future__ import annotations
 
@@ -138,14 +139,17 @@ def bench_predict(model: str, image: str, out: str, overlap: int, batch: int) ->
             "torch_loaded": "torch" in sys.modules}
 
 
-def bench_tiles(model: str, onnx: str, chip: int, batch: int, repeats: int) -> dict:
+def bench_tiles(model: str, onnx: str, chip: int, batch: int, repeats: int, onnx_int8: str | None = None) -> dict:
     import numpy as np
 
     from engine.inference.runners import OnnxRunner, TorchRunner
 
     x = np.random.default_rng(0).standard_normal((batch, 6, chip, chip)).astype(np.float32)
     out = {}
-    for name, runner in (("torch", TorchRunner(model)), ("onnxruntime", OnnxRunner(onnx))):
+    runners = [("torch", TorchRunner(model)), ("onnxruntime", OnnxRunner(onnx))]
+    if onnx_int8:
+        runners.append(("onnxruntime int8", OnnxRunner(onnx_int8)))
+    for name, runner in runners:
         runner(x)  # warm-up
         t = time.perf_counter()
         for _ in range(repeats):
@@ -171,9 +175,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--large", action="store_true")
     ap.add_argument("--backbone", default="prithvi_eo_v2_100")
+    ap.add_argument("--prediction-only", action="store_true",
+                    help="skip training; per tile and 2048² prediction only (torch, ONNX fp32 and int8)")
     args = ap.parse_args()
     steps = 5 if args.quick else 10
-    sizes = [1024] if args.quick else [2048, 4096] + ([8192] if args.large else [])
+    sizes = [1024] if args.quick else [2048] if args.prediction_only else \
+        [2048, 4096] + ([8192] if args.large else [])
     rows = []
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
@@ -182,16 +189,18 @@ def main() -> None:
     rows.append(("machine reference: timm ViT-S/16 fp32", f"{ref:.0f} ms/tile", f"this machine is {ref / 34:.1f}× "
                  "slower than where the peers were measured", "34 ms/tile"))
     print(rows[-1], flush=True)
-    for method in ("full", "lora"):
+    for method in () if args.prediction_only else ("full", "lora"):
         r = child("bench_train", {"method": method, "backbone": args.backbone, "steps": steps, "precision": "32"})
         rows.append((f"train {method} (fp32, 224², batch 4)", f"{r['s_per_step']:.2f} s/step, {r['peak_rss_mib']:.0f} MiB",
                      f"{r['trainable'] / 1e6:.1f}M trainable" + (f" ({r['adapter'] / 1e6:.2f}M LoRA)" if r["adapter"] else ""),
                      PEERS[f"train {method}"]))
         print(rows[-1], flush=True)
-    r = child("bench_train", {"method": "lora", "backbone": args.backbone, "steps": steps, "precision": "bf16-mixed"})
-    rows.append(("train lora (bf16 autocast)", f"{r['s_per_step']:.2f} s/step, {r['peak_rss_mib']:.0f} MiB",
-                 "patch embedding kept fp32", "—"))
-    print(rows[-1], flush=True)
+    if not args.prediction_only:
+        r = child("bench_train", {"method": "lora", "backbone": args.backbone, "steps": steps,
+                                  "precision": "bf16-mixed"})
+        rows.append(("train lora (bf16 autocast)", f"{r['s_per_step']:.2f} s/step, {r['peak_rss_mib']:.0f} MiB",
+                     "patch embedding kept fp32", "—"))
+        print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_model_folder(tmp / "model", args.backbone, 224)
@@ -200,19 +209,36 @@ def main() -> None:
         export = export_onnx(model, onnx)
         rows.append(("export ONNX (merged LoRA)", f"max abs diff {export['max_abs_diff']:.1e}",
                      f"{export['size_bytes'] / 2**20:.0f} MiB", "not in TerraTorch"))
-        t = child("bench_tiles", {"model": str(model), "onnx": str(onnx), "chip": 224, "batch": 16,
-                                  "repeats": 2 if args.quick else 4})
+        # The int8 agreement is on random chips (this model has no training images) and an
+        # untrained model's near-tied classes: it is reported, not a gate here.
+        onnx_int8 = tmp / "model.int8.onnx"
+        export = export_onnx(model, onnx_int8, quantize="int8", force=True)
+        rows.append((f"export ONNX {export['quantize']}", f"{export['argmax_agreement']:.2%} same class as fp32",
+                     f"{export['size_bytes'] / 2**20:.0f} MiB, max prob diff {export['max_prob_diff']:.1e}",
+                     "not in TerraTorch"))
+        print(rows[-1], flush=True)
+        t = child("bench_tiles", {"model": str(model), "onnx": str(onnx), "onnx_int8": str(onnx_int8), "chip": 224,
+                                  "batch": 16, "repeats": 2 if args.quick else 4})
         rows.append(("per tile 224², batch 16", f"torch (bf16 auto) {t['torch']:.0f} ms, onnxruntime {t['onnxruntime']:.0f} ms",
                      "", "—"))
-        print(rows[-1], flush=True)
+        rows.append(("per tile 224², batch 16: onnxruntime int8", f"{t['onnxruntime int8']:.0f} ms",
+                     f"{t['onnxruntime'] / t['onnxruntime int8']:.2f}× ONNX fp32, "
+                     f"{t['torch'] / t['onnxruntime int8']:.2f}× torch bf16 auto (throughput)", "—"))
+        print(*rows[-2:], sep="\n", flush=True)
         for size in sizes:
             image = make_raster(tmp / f"r{size}.tif", size)
-            for runner, m in (("torch", model), ("onnx", onnx)):
-                r = child("bench_predict", {"model": str(m), "image": str(image), "out": str(tmp / f"p{size}{runner}.tif"),
+            seconds = {}
+            for runner, m in (("torch", model), ("onnx", onnx), ("onnx int8", onnx_int8)):
+                r = child("bench_predict", {"model": str(m), "image": str(image),
+                                            "out": str(tmp / f"p{size}{runner.replace(' ', '')}.tif"),
                                             "overlap": 32, "batch": 16})
-                label = "torch, bf16 auto" if runner == "torch" else "onnxruntime, fp32"
+                seconds[runner] = r["seconds"]
+                label = {"torch": "torch, bf16 auto", "onnx": "onnxruntime, fp32",
+                         "onnx int8": "onnxruntime int8"}[runner]
+                ratios = (f", {seconds['onnx'] / r['seconds']:.2f}× ONNX fp32, {seconds['torch'] / r['seconds']:.2f}× "
+                          "torch" if runner == "onnx int8" else "")
                 rows.append((f"predict {size}² × 6 ({label})", f"{r['seconds']:.0f} s, {r['peak_rss_mib'] / 1024:.2f} GiB",
-                             f"{r['tiles']} tiles" + ("" if r["torch_loaded"] else ", torch not loaded"),
+                             f"{r['tiles']} tiles" + ("" if r["torch_loaded"] else ", torch not loaded") + ratios,
                              PEERS.get(f"predict {size}", "—") if runner == "torch" else "—"))
                 print(rows[-1], flush=True)
             image.unlink()

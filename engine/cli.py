@@ -103,8 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--profile", choices=["geopeft", "deepness"], default="geopeft",
                    help="geopeft: for GeoPEFT's predict; deepness: for the Deepness QGIS plugin (8-bit "
                    "imagery only: its input is bands ÷ 255, its metadata Deepness's)")
+    e.add_argument("--quantize", choices=["int8", "int8-static"],
+                   help="write an int8 model (faster CPU prediction with onnxruntime alone): int8 = dynamic "
+                   "(MatMul weights int8, convolutions fp32); int8-static = QDQ calibrated on chips of the "
+                   "training images (must still be readable). Compared with fp32 at export on training chips "
+                   "(random ones when the images are gone); refused below 98%% same-class pixels")
     e.add_argument("--force", action="store_true",
-                   help="with --profile deepness: export a model not trained on uint8 pixels (with a warning)")
+                   help="with --profile deepness: export a model not trained on uint8 pixels; with --quantize: "
+                   "keep an int8 model below 98%% agreement (with a warning)")
     _common(e)
 
     v = sub.add_parser("evaluate", help="score a prediction against labels", formatter_class=fmt)
@@ -173,11 +179,14 @@ def cmd_predict(a, reporter: Reporter) -> dict:
 def cmd_export(a, reporter: Reporter) -> dict:
     from engine.export import export_onnx
 
-    summary = export_onnx(a.model, a.out, reporter, profile=a.profile, force=a.force)
+    summary = export_onnx(a.model, a.out, reporter, profile=a.profile, force=a.force, quantize=a.quantize)
     if reporter.mode == "human":
         print(f"ONNX model{' for Deepness' if a.profile == 'deepness' else ''} written to {summary['out']}; "
               f"parity with PyTorch: max abs diff "
               f"{summary['max_abs_diff']:.2e} (≤ 1e-4)")
+        if summary["quantize"]:
+            print(f"{summary['quantize']}: same class as fp32 on {summary['argmax_agreement']:.2%} of pixels "
+                  f"({summary['agreement_chips']} chips), max probability difference {summary['max_prob_diff']:.2e}")
     return summary
 
 

@@ -6,7 +6,10 @@ weights in ``<name>.onnx.data`` beside the ``.onnx`` file: the two travel togeth
 written, checked and run in a staging folder beside the output and renamed only on success.
 
 ``profile="deepness"`` writes the same model for the Deepness QGIS plugin instead: its input is
-Deepness's (8-bit bands ÷ 255), its metadata Deepness's (see ``engine.export.deepness``)."""
+Deepness's (8-bit bands ÷ 255), its metadata Deepness's (see ``engine.export.deepness``).
+
+``quantize="int8"`` writes an int8 model instead of the fp32 one, checked against the fp32
+model on chips before anything is written (see ``engine.export.quantize``)."""
 from __future__ import annotations
 
 import copy
@@ -19,7 +22,7 @@ import numpy as np
 
 from engine.card import read_card
 from engine.data.rasters import current_umask
-from engine.export import deepness
+from engine.export import deepness, quantize as quantization
 from engine.inference.runners import ONNX_CARD_KEY, load_trained_model
 from engine.protocol import EngineError, Reporter
 
@@ -41,9 +44,11 @@ PROFILES = ("geopeft", "deepness")
 
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
                 seed: int = 0, single_file_max_bytes: int = SINGLE_FILE_MAX_BYTES, profile: str = "geopeft",
-                force: bool = False) -> dict:
+                force: bool = False, quantize: str | None = None) -> dict:
     """``profile``: ``geopeft`` (normalised input, for GeoPEFT's predict) or ``deepness``;
-    ``force``: export for Deepness a model not trained on uint8 pixels (with a warning)."""
+    ``quantize``: ``int8`` (dynamic) or ``int8-static`` for an int8 model (geopeft profile);
+    ``force``: export for Deepness a model not trained on uint8 pixels, or keep an int8 model that
+    agrees with fp32 on fewer than 98 % of pixels (with a warning)."""
     reporter = reporter or Reporter("quiet")
     import onnx
     import onnxruntime as ort
@@ -56,10 +61,16 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
         raise EngineError(f"--out {out} should end in .onnx")
     if profile not in PROFILES:
         raise EngineError(f"unknown export profile {profile!r}", hint=f"use one of {', '.join(PROFILES)}")
+    if quantize is not None and quantize not in quantization.MODES:
+        raise EngineError(f"unknown quantisation {quantize!r}", hint=f"use one of {', '.join(quantization.MODES)}")
+    if quantize and profile != "geopeft":
+        raise EngineError(f"--quantize is for the geopeft profile, not {profile}",
+                          hint="export for Deepness without --quantize")
     card, folder = read_card(model_dir)
     if profile == "deepness":
         deepness.check_source_dtype(card, force, reporter)
-    reporter.progress("export", 1, 4, "loading the trained model")
+    steps = 5 if quantize else 4
+    reporter.progress("export", 1, steps, "loading the trained model")
     trained = Probabilities(load_trained_model(card, folder, reporter)).eval()
     merged = merge(copy.deepcopy(trained)).eval()
     c, s = len(card["input"]["bands"]), int(card["chip_size"])
@@ -82,7 +93,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
                                      "output": "probabilities", "layout": "NCHW float32, normalised"})
     if profile == "deepness":
         export_card["export"].update(profile="deepness", layout="NCHW float32, 8-bit values / 255")
-    reporter.progress("export", 2, 4, "exporting to ONNX")
+    reporter.progress("export", 2, steps, "exporting to ONNX")
     out = Path(out)
     data_file = out.with_name(out.name + ".data")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,20 +108,29 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
         proto = onnx.load(str(raw))
         if profile == "deepness":
             deepness.limit_versions(proto)
-            meta = {deepness.CARD_KEY: json.dumps(export_card), **deepness.metadata(card, reporter)}
+            extra_meta = deepness.metadata(card, reporter)
         else:
-            meta = {ONNX_CARD_KEY: json.dumps(export_card), "model_type": "Segmentor",
-                    "class_names": json.dumps({str(i): c["name"] for i, c in enumerate(card["classes"])})}
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.doc_string = f"GeoPEFT {card['backbone']['name']} + {card['decoder']} ({card['tuning']['method']})"
-        external = tensor_bytes(proto) > single_file_max_bytes
-        onnx.save_model(proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=data_file.name)
+            extra_meta = {"model_type": "Segmentor",
+                          "class_names": json.dumps({str(i): c["name"] for i, c in enumerate(card["classes"])})}
+        card_key = deepness.CARD_KEY if profile == "deepness" else ONNX_CARD_KEY
+
+        def save(proto) -> bool:
+            """Write ``proto`` at ``staged`` with the card as it stands; True when the weights went
+            to the data file."""
+            del proto.metadata_props[:]
+            for key, value in {card_key: json.dumps(export_card), **extra_meta}.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            proto.doc_string = f"GeoPEFT {card['backbone']['name']} + {card['decoder']} ({card['tuning']['method']})"
+            to_data_file = tensor_bytes(proto) > single_file_max_bytes
+            onnx.save_model(proto, str(staged), save_as_external_data=to_data_file, all_tensors_to_one_file=True,
+                            location=data_file.name)
+            return to_data_file
+
+        external = save(proto)
         del proto
         onnx.checker.check_model(str(staged))  # by path: works past 2 GB too
-        reporter.progress("export", 3, 4, "checking parity with PyTorch")
+        reporter.progress("export", 3, steps, "checking parity with PyTorch")
         session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
         onnx_out = session.run(None, {"input": x.numpy()})[0]
         del session
@@ -118,6 +138,21 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
         if diff > PARITY_TOLERANCE:
             raise EngineError(f"ONNX output differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g}); "
                               "nothing written", hint="please report this model configuration")
+        quantized = None
+        if quantize:
+            reporter.progress("export", 4, steps, "quantising to int8 and comparing with fp32")
+            int8 = Path(staging) / "int8.onnx"
+            quantized = quantization.quantize_int8(staged, int8, card, reporter, quantize, external=external,
+                                                     seed=seed)
+            quantization.check_agreement(quantized, force, reporter)  # refuses: nothing written
+            export_card["export"].update(
+                quantize=quantized["quantize"], layout="NCHW float32, normalised (int8 weights inside)",
+                agreement={k: quantized[k] for k in ("argmax_agreement", "max_prob_diff", "chips", "num_chips")})
+            fp32_external = external
+            external = save(onnx.load(str(int8)))
+            if fp32_external and not external:
+                staged_data.unlink()  # the fp32 weights: not part of the int8 model
+            onnx.checker.check_model(str(staged))
         if external:
             os.chmod(staged_data, 0o666 & ~current_umask())  # onnx writes it owner-only
             os.replace(staged_data, data_file)
@@ -125,7 +160,9 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
             data_file.unlink()
         os.replace(staged, out)
     size = out.stat().st_size + (data_file.stat().st_size if external else 0)
-    reporter.progress("export", 4, 4, f"parity OK: max abs diff {diff:.2e}")
+    reporter.progress("export", steps, steps, f"parity OK: max abs diff {diff:.2e}"
+                      + (f"; {quantized['quantize']} agrees on {quantized['argmax_agreement']:.2%} of pixels"
+                         if quantized else ""))
     checked, step = (("ONNX on random 8-bit pixels ÷ 255 vs PyTorch on the same pixels normalised",
                       "merge and input conversion") if profile == "deepness"
                      else ("ONNX parity with PyTorch on random input", "merge alone"))
@@ -138,4 +175,6 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
         reporter.artifact("onnx", str(out))
     return {"out": str(out), "data_file": str(data_file) if external else None, "max_abs_diff": diff,
             "merge_max_abs_diff": merge_diff, "size_bytes": size, "opset": OPSET,
-            "profile": profile}
+            "profile": profile, "quantize": quantized["quantize"] if quantized else None,
+            **({"argmax_agreement": quantized["argmax_agreement"], "max_prob_diff": quantized["max_prob_diff"],
+                "agreement_chips": quantized["chips"]} if quantized else {})}

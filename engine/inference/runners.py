@@ -18,6 +18,14 @@ from engine.protocol import EngineError, Reporter
 ONNX_CARD_KEY = "geopeft_card"
 
 
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class OnnxRunner:
     def __init__(self, path: str | os.PathLike, device: str = "auto"):
         import onnxruntime as ort
@@ -32,8 +40,10 @@ class OnnxRunner:
         elif device in ("gpu", "cuda"):
             raise EngineError("--device gpu was asked for but onnxruntime has no usable CUDA provider here",
                               hint="use --device auto or cpu")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_count()  # the cores this process may use (int8 or fp32)
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
             raise EngineError(f"cannot load ONNX model {path}: {exc}",
                               hint=f"a model exported with its weights in {path.name}.data needs that file "
@@ -45,6 +55,7 @@ class OnnxRunner:
         self.card = validate_card(json.loads(meta[ONNX_CARD_KEY]), f"model card in {path.name}")
         self.input_name = self.session.get_inputs()[0].name
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.quantize = self.card.get("export", {}).get("quantize")  # "int8-static"/"int8-dynamic" or None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
@@ -88,7 +99,7 @@ class TorchRunner:
 def load_runner(model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None,
                 precision: str = "auto"):
     if str(model).lower().endswith(".onnx"):
-        return OnnxRunner(model, device)  # fp32 as exported
+        return OnnxRunner(model, device)  # fp32 or int8, as exported
     return TorchRunner(model, device, reporter, precision)
 
 
