@@ -26,6 +26,32 @@ def run_engine(*args, expect_ok: bool = True, timeout: float = 600) -> dict:
     return {**done, "_events": events, "_stderr": proc.stderr, "_rc": proc.returncode}
 
 
+# A model trained in seconds: enough for tests of what is done with a model, not of its quality.
+TINY = ["--weights", "none", "--epochs", "1", "--chip-size", "32", "--batch-size", "8", "--chips-per-epoch", "16"]
+
+
+@pytest.fixture(scope="session")
+def small_scene(tmp_path_factory):
+    """A 96 px synthetic scene for the tiny model."""
+    from engine.data.demo import make_demo_scene
+
+    return make_demo_scene(tmp_path_factory.mktemp("small_scene"), size=96, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(small_scene, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    run_engine("train", "--image", small_scene.image, "--labels", small_scene.labels, *TINY, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_onnx") / "model.onnx"
+    run_engine("export", "--model", tiny_model, "--out", out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_scene(tmp_path_factory):
     """A small synthetic scene (256 px) shared by the engine tests."""

@@ -16,9 +16,8 @@ import rasterio
 from affine import Affine
 
 from engine.protocol import EngineError, Reporter, decode_event
-from tests.conftest import run_engine
+from tests.conftest import TINY, run_engine
 
-TINY = ["--weights", "none", "--epochs", "1", "--chip-size", "32", "--batch-size", "8", "--chips-per-epoch", "16"]
 PIXEL_M = 0.5  # an aerial image: Deepness's resolution is 50 cm/px
 
 

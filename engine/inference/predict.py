@@ -209,7 +209,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             "polygons": str(polygons) if polygons else None, "style": str(style),
             "polygon_count": polygon_summary["polygons"] if polygon_summary else None,
             "tiles": total_tiles, "tiles_run": run_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
-            "precision": "bf16" if getattr(runner, "bf16", False) else "fp32",
+            "precision": "bf16" if getattr(runner, "bf16", False) else (getattr(runner, "quantize", None) or "fp32"),
             "device": str(runner.device), "classes": classes}
 
 
