@@ -33,10 +33,6 @@ CHIPS = 16
 BATCH = 4
 
 
-def _valid_fraction_ok(valid: np.ndarray) -> bool:
-    return valid.mean() >= 0.5
-
-
 def sample_chips(card: dict, count: int = CHIPS, seed: int = 0) -> tuple[np.ndarray, str]:
     """(chips float32 [N, bands, s, s] normalised as predict does, source): ``training`` chips read at
     random from the card's training images when they can be opened, else ``random`` normal values."""
@@ -53,10 +49,10 @@ def sample_chips(card: dict, count: int = CHIPS, seed: int = 0) -> tuple[np.ndar
             with RasterStack(images, bands) as stack:
                 h, w = stack.grid.height, stack.grid.width
                 chips = []
-                for _ in range(count * 4):  # skip chips mostly nodata
+                for _ in range(count * 4):  # chips mostly nodata are skipped
                     r, c = int(rng.integers(0, max(h - size, 0) + 1)), int(rng.integers(0, max(w - size, 0) + 1))
                     data, valid = stack.read(Window(c, r, size, size))
-                    if _valid_fraction_ok(valid):
+                    if valid.mean() >= 0.5:
                         chips.append(normalise(data, valid, card["input"]["mean"], card["input"]["std"]))
                     if len(chips) == count:
                         return np.stack(chips), "training"

@@ -72,7 +72,7 @@ def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict
     return {k: _copy(v) for k, v in model.state_dict().items() if k in names | buffers}
 
 
-def _copy(tensor) -> "torch.Tensor":
+def _copy(tensor):
     """A snapshot on the CPU that later optimiser steps cannot touch (``.cpu()`` alone returns
     the live storage of a CPU tensor)."""
     return tensor.detach().to("cpu", copy=True).contiguous()
