@@ -24,6 +24,9 @@ import contextlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import rasterio
@@ -84,14 +87,11 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
         if region is not None:
             inputs.callback(region.close)
         H, W = grid.height, grid.width
-        width = max(W, size)
-        rows, cols = tile_starts(H, size, stride), tile_starts(W, size, stride)
-        weights = blend_weights(size, overlap)
+        total_tiles = len(tile_starts(H, size, stride)) * len(tile_starts(W, size, stride))
         K = len(classes)
         profile = {"driver": "GTiff", "width": W, "height": H, "crs": grid.crs, "transform": grid.transform,
                    "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
                    "BIGTIFF": "IF_SAFER"}
-        total_tiles = len(rows) * len(cols)
         done_tiles = run_tiles = 0
         with contextlib.ExitStack() as outputs:
             # Every output goes to a temporary name, renamed onto its path only if all succeed. The
@@ -123,54 +123,13 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                     udst.set_band_description(1, "uncertainty %")
                     udst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), scale="percent",
                                      measure="normalised entropy of the blended class probabilities")
-                acc = np.zeros((K, size, width), np.float32)
-                wsum = np.zeros((size, width), np.float32)
-                base = rows[0]
-                for i, r in enumerate(rows):
-                    if reporter.cancelled:
-                        raise _Cancelled
-                    shift = r - base
-                    if shift:  # roll the accumulator down to the new strip
-                        acc[:, :size - shift] = acc[:, shift:]
-                        acc[:, size - shift:] = 0
-                        wsum[:size - shift] = wsum[shift:]
-                        wsum[size - shift:] = 0
-                        base = r
-                    strip = Window(0, r, width, size)
-                    inside = region.inside(strip) if region is not None else None
-                    if inside is not None and not inside.any():  # nothing to predict: not even read
-                        valid = inside
-                    else:
-                        data, valid = stack.read(strip)
-                        # the model sees the image around the region; only outputs are limited to it
-                        x = normalise(data, valid, inp["mean"], inp["std"])
-                        if inside is not None:
-                            valid = valid & inside
-                    todo = [c for c in cols if valid[:, c:c + size].any()]  # skip tiles with nothing to predict
-                    for b in range(0, len(todo), batch_size):
-                        if reporter.cancelled:
-                            raise _Cancelled
-                        chunk = todo[b:b + batch_size]
-                        probs = runner(np.stack([x[:, :, c:c + size] for c in chunk]))
-                        for c, p in zip(chunk, probs):
-                            acc[:, :, c:c + size] += p * weights
-                            wsum[:, c:c + size] += weights
-                    run_tiles += len(todo)
-                    done_tiles += len(cols)
-                    end = rows[i + 1] if i + 1 < len(rows) else H
-                    n = min(end, H) - r
-                    p = acc[:, :n, :W] / np.maximum(wsum[:n, :W], 1e-12)
-                    ok = valid[:n, :W] & (wsum[:n, :W] > 0)
-                    labels = values[p.argmax(0)].astype(dtype)
-                    labels[~ok] = nodata
-                    dst.write(labels, 1, window=Window(0, r, W, n))
-                    if pdst:
-                        pct = np.round(p * 100).astype(np.uint8)
-                        pct[:, ~ok] = PROBABILITY_NODATA
-                        pdst.write(pct, window=Window(0, r, W, n))
-                    if udst:
-                        udst.write(uncertainty_uint8(p, ok), 1, window=Window(0, r, W, n))
-                    reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles, run=run_tiles)
+                with StripWriter(dst, pdst, udst, values, nodata) as writer:
+                    for strip in predict_strips(stack, runner, inp["mean"], inp["std"], size, overlap,
+                                                batch_size, region, cancelled=lambda: reporter.cancelled):
+                        writer.submit(strip)  # argmax, percentages and writes overlap the next strip's tiles
+                        run_tiles += strip.run
+                        done_tiles += strip.tiles
+                        reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles, run=run_tiles)
                 if region is not None and run_tiles == 0:
                     reporter.warning("no valid image pixel inside the area of interest / mask: every output "
                                      "is nodata")
@@ -211,6 +170,129 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             "tiles": total_tiles, "tiles_run": run_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
             "precision": "bf16" if getattr(runner, "bf16", False) else (getattr(runner, "quantize", None) or "fp32"),
             "device": str(runner.device), "classes": classes}
+
+
+@dataclass
+class Strip:
+    """Finished output rows [row, row + n): blended probabilities [K, n, W] and the pixels that
+    get a prediction [n, W]; ``tiles`` tiles of the grid belong to it, ``run`` of them ran."""
+
+    row: int
+    probabilities: np.ndarray
+    valid: np.ndarray
+    tiles: int
+    run: int
+
+
+def predict_strips(stack: RasterStack, runner, mean, std, size: int, overlap: int, batch_size: int,
+                   region=None, rows: tuple[int, int] | None = None,
+                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[Strip]:
+    """Predict a raster one row of tiles at a time, yielding each strip of finished output rows.
+
+    ``rows`` = (first, end) limits the output to those raster rows: only the rows of tiles that
+    touch them run, with exactly the tiles, weights and order of a whole-raster run, so ranges
+    that split a raster give the same pixels as one run. A reader thread reads and normalises
+    the next strip (GDAL and numpy release the GIL) while the model runs on this one.
+    Raises ``_Cancelled`` when ``cancelled()`` turns true (checked before every batch)."""
+    grid = stack.grid
+    H, W = grid.height, grid.width
+    first, end = rows or (0, H)
+    stride = size - overlap
+    width = max(W, size)
+    cols = tile_starts(W, size, stride)
+    all_rows = tile_starts(H, size, stride)
+    # output row y is final once the last tile row starting at or before it has run
+    finals = [(r, all_rows[i + 1] if i + 1 < len(all_rows) else H) for i, r in enumerate(all_rows)]
+    todo_rows = [(r, f) for r, f in finals if r < end and r + size > first]
+    weights = blend_weights(size, overlap)
+    K = len(runner.card["classes"])
+    acc = np.zeros((K, size, width), np.float32)
+    wsum = np.zeros((size, width), np.float32)
+
+    def read(r: int):
+        strip = Window(0, r, width, size)
+        inside = region.inside(strip) if region is not None else None
+        if inside is not None and not inside.any():  # nothing to predict: not even read
+            return None, inside
+        data, valid = stack.read(strip)
+        x = normalise(data, valid, mean, std)  # the model sees the image around the region too
+        return x, valid if inside is None else valid & inside
+
+    with ThreadPoolExecutor(1, thread_name_prefix="geopeft-reader") as reader:
+        pending = reader.submit(read, todo_rows[0][0]) if todo_rows else None
+        base = todo_rows[0][0] if todo_rows else 0
+        for i, (r, final) in enumerate(todo_rows):
+            if cancelled():
+                raise _Cancelled
+            x, valid = pending.result()
+            if i + 1 < len(todo_rows):
+                pending = reader.submit(read, todo_rows[i + 1][0])
+            shift = r - base
+            if shift:  # roll the accumulator down to the new strip
+                acc[:, :size - shift] = acc[:, shift:]
+                acc[:, size - shift:] = 0
+                wsum[:size - shift] = wsum[shift:]
+                wsum[size - shift:] = 0
+                base = r
+            todo = [c for c in cols if valid[:, c:c + size].any()]  # skip tiles with nothing to predict
+            for b in range(0, len(todo), batch_size):
+                if cancelled():
+                    raise _Cancelled
+                chunk = todo[b:b + batch_size]
+                probs = runner(np.stack([x[:, :, c:c + size] for c in chunk]))
+                for c, p in zip(chunk, probs):
+                    acc[:, :, c:c + size] += p * weights
+                    wsum[:, c:c + size] += weights
+            top, bottom = max(r, first), min(final, end, H)
+            if bottom > top:
+                a, b = top - r, bottom - r
+                yield Strip(top, acc[:, a:b, :W] / np.maximum(wsum[a:b, :W], 1e-12),
+                            valid[a:b, :W] & (wsum[a:b, :W] > 0), len(cols), len(todo))
+
+
+class StripWriter:
+    """Writes strips (class, probabilities, uncertainty) on a writer thread, one strip behind
+    the model; an error in a write is raised at the next ``submit`` or on leaving."""
+
+    def __init__(self, dst, pdst, udst, values: np.ndarray, nodata):
+        self.dst, self.pdst, self.udst = dst, pdst, udst
+        self.values, self.nodata = values, nodata
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="geopeft-writer")
+        self._pending = None
+
+    def _write(self, strip: Strip) -> None:
+        p, ok = strip.probabilities, strip.valid
+        window = Window(0, strip.row, ok.shape[1], ok.shape[0])
+        labels = self.values[p.argmax(0)].astype(self.dst.dtypes[0])
+        labels[~ok] = self.nodata
+        self.dst.write(labels, 1, window=window)
+        if self.pdst:
+            pct = np.round(p * 100).astype(np.uint8)
+            pct[:, ~ok] = PROBABILITY_NODATA
+            self.pdst.write(pct, window=window)
+        if self.udst:
+            self.udst.write(uncertainty_uint8(p, ok), 1, window=window)
+
+    def submit(self, strip: Strip) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self._write, strip)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc):
+        try:
+            if kind is None:
+                self._wait()
+            elif self._pending is not None:  # already failing: let the write end, keep the first error
+                self._pending.exception()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class _Cancelled(Exception):
