@@ -108,9 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(MatMul weights int8, convolutions fp32); int8-static = QDQ calibrated on chips of the "
                    "training images (must still be readable). Compared with fp32 at export on training chips "
                    "(random ones when the images are gone); refused below 98%% same-class pixels")
+    half = e.add_mutually_exclusive_group()
+    half.add_argument("--fp16", action="store_true",
+                      help="write a float16 model for GPUs (CUDA/TensorRT; input and output stay float32, the "
+                      "convolutions that see the input bands stay fp32). Compared with fp32 at export like "
+                      "--quantize; not with --quantize")
+    half.add_argument("--bf16", action="store_true",
+                      help="refused: onnxruntime cannot run bfloat16 models of these ops on its CPU provider, "
+                      "so they cannot be checked; use --fp16")
     e.add_argument("--force", action="store_true",
-                   help="with --profile deepness: export a model not trained on uint8 pixels; with --quantize: "
-                   "keep an int8 model below 98%% agreement (with a warning)")
+                   help="with --profile deepness: export a model not trained on uint8 pixels; with --quantize or "
+                   "--fp16: keep an int8/fp16 model below 98%% agreement (with a warning)")
     _common(e)
 
     v = sub.add_parser("evaluate", help="score a prediction against labels", formatter_class=fmt)
@@ -179,13 +187,15 @@ def cmd_predict(a, reporter: Reporter) -> dict:
 def cmd_export(a, reporter: Reporter) -> dict:
     from engine.export import export_onnx
 
-    summary = export_onnx(a.model, a.out, reporter, profile=a.profile, force=a.force, quantize=a.quantize)
+    precision = "fp16" if a.fp16 else "bf16" if a.bf16 else None
+    summary = export_onnx(a.model, a.out, reporter, profile=a.profile, force=a.force, quantize=a.quantize,
+                          precision=precision)
     if reporter.mode == "human":
         print(f"ONNX model{' for Deepness' if a.profile == 'deepness' else ''} written to {summary['out']}; "
               f"parity with PyTorch: max abs diff "
               f"{summary['max_abs_diff']:.2e} (≤ 1e-4)")
-        if summary["quantize"]:
-            print(f"{summary['quantize']}: same class as fp32 on {summary['argmax_agreement']:.2%} of pixels "
+        if summary["precision"] != "fp32":
+            print(f"{summary['precision']}: same class as fp32 on {summary['argmax_agreement']:.2%} of pixels "
                   f"({summary['agreement_chips']} chips), max probability difference {summary['max_prob_diff']:.2e}")
     return summary
 

@@ -88,9 +88,9 @@ def test_int8_prediction_runs_without_torch(int8, small_scene, tmp_path):
 
 
 def test_low_agreement_is_refused_and_leaves_nothing_unless_forced(tiny_model, tmp_path, monkeypatch):
-    from engine.export import export_onnx, quantize
+    from engine.export import agreement, export_onnx
 
-    monkeypatch.setattr(quantize, "MIN_ARGMAX_AGREEMENT", 1.01)  # no model can reach it
+    monkeypatch.setattr(agreement, "MIN_ARGMAX_AGREEMENT", 1.01)  # no model can reach it
     out = tmp_path / "m.int8.onnx"
     stream = io.StringIO()
     with pytest.raises(EngineError, match="below 101%; nothing written") as refused:

@@ -8,8 +8,10 @@ written, checked and run in a staging folder beside the output and renamed only 
 ``profile="deepness"`` writes the same model for the Deepness QGIS plugin instead: its input is
 Deepness's (8-bit bands ÷ 255), its metadata Deepness's (see ``engine.export.deepness``).
 
-``quantize="int8"`` writes an int8 model instead of the fp32 one, checked against the fp32
-model on chips before anything is written (see ``engine.export.quantize``)."""
+``quantize="int8"`` writes an int8 model instead of the fp32 one (see ``engine.export.quantize``),
+``precision="fp16"`` a float16 one for GPUs (see ``engine.export.half``; ``bf16`` is refused);
+either is checked against the fp32 model on the same chips before anything is written (see
+``engine.export.agreement``)."""
 from __future__ import annotations
 
 import copy
@@ -22,7 +24,7 @@ import numpy as np
 
 from engine.card import read_card
 from engine.data.rasters import current_umask
-from engine.export import deepness, quantize as quantization
+from engine.export import agreement, deepness, half, quantize as quantization
 from engine.inference.runners import ONNX_CARD_KEY, load_trained_model
 from engine.protocol import EngineError, Reporter
 
@@ -44,11 +46,13 @@ PROFILES = ("geopeft", "deepness")
 
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
                 seed: int = 0, single_file_max_bytes: int = SINGLE_FILE_MAX_BYTES, profile: str = "geopeft",
-                force: bool = False, quantize: str | None = None) -> dict:
+                force: bool = False, quantize: str | None = None, precision: str | None = None) -> dict:
     """``profile``: ``geopeft`` (normalised input, for GeoPEFT's predict) or ``deepness``;
     ``quantize``: ``int8`` (dynamic) or ``int8-static`` for an int8 model (geopeft profile);
-    ``force``: export for Deepness a model not trained on uint8 pixels, or keep an int8 model that
-    agrees with fp32 on fewer than 98 % of pixels (with a warning)."""
+    ``precision``: ``fp16`` for a float16 model with float32 input/output (geopeft profile, not
+    with ``quantize``); ``bf16`` is refused (see ``engine.export.half``);
+    ``force``: export for Deepness a model not trained on uint8 pixels, or keep an int8/fp16 model
+    that agrees with fp32 on fewer than 98 % of pixels (with a warning)."""
     reporter = reporter or Reporter("quiet")
     import onnx
     import onnxruntime as ort
@@ -66,10 +70,21 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
     if quantize and profile != "geopeft":
         raise EngineError(f"--quantize is for the geopeft profile, not {profile}",
                           hint="export for Deepness without --quantize")
+    if precision == "bf16":
+        half.refuse_bf16()
+    if precision not in (None, "fp32", "fp16"):
+        raise EngineError(f"unknown export precision {precision!r}", hint="use fp16 (or leave it out for fp32)")
+    fp16 = precision == "fp16"
+    if fp16 and quantize:
+        raise EngineError("--fp16 and --quantize exclude each other: the model is either float16 (for GPUs) "
+                          "or int8 (for CPUs); nothing written", hint="pass only one of them")
+    if fp16 and profile != "geopeft":
+        raise EngineError(f"--fp16 is for the geopeft profile, not {profile}",
+                          hint="export for Deepness without --fp16")
     card, folder = read_card(model_dir)
     if profile == "deepness":
         deepness.check_source_dtype(card, force, reporter)
-    steps = 5 if quantize else 4
+    steps = 5 if quantize or fp16 else 4
     reporter.progress("export", 1, steps, "loading the trained model")
     trained = Probabilities(load_trained_model(card, folder, reporter)).eval()
     merged = merge(copy.deepcopy(trained)).eval()
@@ -138,20 +153,30 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
         if diff > PARITY_TOLERANCE:
             raise EngineError(f"ONNX output differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g}); "
                               "nothing written", hint="please report this model configuration")
-        quantized = None
-        if quantize:
-            reporter.progress("export", 4, steps, "quantising to int8 and comparing with fp32")
-            int8 = Path(staging) / "int8.onnx"
-            quantized = quantization.quantize_int8(staged, int8, card, reporter, quantize, external=external,
+        reduced = None  # the int8 or fp16 model replacing the fp32 one, and its agreement with it
+        if quantize or fp16:
+            candidate = Path(staging) / ("int8.onnx" if quantize else "fp16.onnx")
+            if quantize:
+                reporter.progress("export", 4, steps, "quantising to int8 and comparing with fp32")
+                reduced = quantization.quantize_int8(staged, candidate, card, reporter, quantize, external=external,
                                                      seed=seed)
-            quantization.check_agreement(quantized, force, reporter)  # refuses: nothing written
-            export_card["export"].update(
-                quantize=quantized["quantize"], layout="NCHW float32, normalised (int8 weights inside)",
-                agreement={k: quantized[k] for k in ("argmax_agreement", "max_prob_diff", "chips", "num_chips")})
-            fp32_external = external
-            external = save(onnx.load(str(int8)))
-            if fp32_external and not external:
-                staged_data.unlink()  # the fp32 weights: not part of the int8 model
+                label, option = reduced["quantize"], "--quantize"
+                export_card["export"].update(quantize=label, layout="NCHW float32, normalised (int8 weights inside)")
+            else:
+                reporter.progress("export", 4, steps, "converting to float16 and comparing with fp32")
+                reduced = half.half_precision(staged, candidate, card, reporter, external=external, seed=seed)
+                label, option = "fp16", "--fp16"
+                export_card["export"].update(
+                    precision="fp16", float32_nodes=reduced["float32_nodes"],
+                    layout="NCHW float32, normalised (float16 weights and activations inside)")
+            agreement.check_agreement(reduced, label, force, reporter, option)  # refuses: nothing written
+            export_card["export"]["agreement"] = {k: reduced[k] for k in ("argmax_agreement", "max_prob_diff",
+                                                                          "chips", "num_chips")}
+            proto = onnx.load(str(candidate))  # its weights too, from its own data file if any
+            # The fp32 weights are not part of the reduced model, and onnx appends to an existing data file.
+            staged_data.unlink(missing_ok=True)
+            external = save(proto)
+            del proto
             onnx.checker.check_model(str(staged))
         if external:
             os.chmod(staged_data, 0o666 & ~current_umask())  # onnx writes it owner-only
@@ -160,9 +185,9 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
             data_file.unlink()
         os.replace(staged, out)
     size = out.stat().st_size + (data_file.stat().st_size if external else 0)
+    done = (reduced.get("quantize") or reduced["precision"]) if reduced else "fp32"
     reporter.progress("export", steps, steps, f"parity OK: max abs diff {diff:.2e}"
-                      + (f"; {quantized['quantize']} agrees on {quantized['argmax_agreement']:.2%} of pixels"
-                         if quantized else ""))
+                      + (f"; {done} agrees on {reduced['argmax_agreement']:.2%} of pixels" if reduced else ""))
     checked, step = (("ONNX on random 8-bit pixels ÷ 255 vs PyTorch on the same pixels normalised",
                       "merge and input conversion") if profile == "deepness"
                      else ("ONNX parity with PyTorch on random input", "merge alone"))
@@ -175,6 +200,6 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
         reporter.artifact("onnx", str(out))
     return {"out": str(out), "data_file": str(data_file) if external else None, "max_abs_diff": diff,
             "merge_max_abs_diff": merge_diff, "size_bytes": size, "opset": OPSET,
-            "profile": profile, "quantize": quantized["quantize"] if quantized else None,
-            **({"argmax_agreement": quantized["argmax_agreement"], "max_prob_diff": quantized["max_prob_diff"],
-                "agreement_chips": quantized["chips"]} if quantized else {})}
+            "profile": profile, "quantize": reduced.get("quantize") if reduced else None, "precision": done,
+            **({"argmax_agreement": reduced["argmax_agreement"], "max_prob_diff": reduced["max_prob_diff"],
+                "agreement_chips": reduced["chips"]} if reduced else {})}

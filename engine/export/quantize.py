@@ -14,7 +14,8 @@ Two ways, both onnxruntime.quantization's own:
 
 Either way the result is compared with the fp32 model on chips (training chips when available,
 else random normal values, i.e. inputs at the training mean ± a few std) and refused below
-``MIN_ARGMAX_AGREEMENT`` unless forced; the numbers go into the card.
+``MIN_ARGMAX_AGREEMENT`` unless forced; the numbers go into the card (``engine.export.agreement``,
+shared with ``--fp16``).
 """
 from __future__ import annotations
 
@@ -24,63 +25,29 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.inference.runners import cpu_count
+from engine.export.agreement import BATCH, compare, sample_chips
 from engine.protocol import EngineError, Reporter
 
 MODES = ("int8", "int8-static")
-MIN_ARGMAX_AGREEMENT = 0.98
-CHIPS = 16
-BATCH = 4
 
 
-def sample_chips(card: dict, count: int = CHIPS, seed: int = 0) -> tuple[np.ndarray, str]:
-    """(chips float32 [N, bands, s, s] normalised as predict does, source): ``training`` chips read at
-    random from the card's training images when they can be opened, else ``random`` normal values."""
-    from rasterio.windows import Window
-
-    from engine.data.chips import normalise
-    from engine.data.rasters import RasterStack
-
-    bands, size = card["input"]["bands"], int(card["chip_size"])
-    rng = np.random.default_rng(seed)
-    images = (card.get("training") or {}).get("images") or []
-    if images and all(Path(p).is_file() for p in images):
-        try:
-            with RasterStack(images, bands) as stack:
-                h, w = stack.grid.height, stack.grid.width
-                chips = []
-                for _ in range(count * 4):  # chips mostly nodata are skipped
-                    r, c = int(rng.integers(0, max(h - size, 0) + 1)), int(rng.integers(0, max(w - size, 0) + 1))
-                    data, valid = stack.read(Window(c, r, size, size))
-                    if valid.mean() >= 0.5:
-                        chips.append(normalise(data, valid, card["input"]["mean"], card["input"]["std"]))
-                    if len(chips) == count:
-                        return np.stack(chips), "training"
-        except EngineError:
-            pass  # the images changed since training: fall back to random chips
-    shape = (count, len(bands), size, size)
-    return rng.standard_normal(shape).astype(np.float32), "random"
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpu_count()
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _run(session, chips: np.ndarray) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: chips[i:i + BATCH]})[0] for i in range(0, len(chips), BATCH)])
-
-
-def agreement(reference: Path, quantized: Path, chips: np.ndarray) -> dict:
-    """Max absolute probability difference and the fraction of pixels with the same argmax class."""
-    ref = _run(_session(reference), chips)
-    out = _run(_session(quantized), chips)
-    return {"max_prob_diff": float(np.abs(ref - out).max()),
-            "argmax_agreement": float((ref.argmax(axis=1) == out.argmax(axis=1)).mean())}
+def input_facing_convs(graph) -> list:
+    """The convolutions that see the input bands: the patch embedding (by name, or a patchifying
+    convolution: strides equal to a kernel of 8 px or more) and any convolution fed the graph input
+    directly (the UNet decoder's full-resolution stem). They stay fp32 in int8-static and fp16
+    models: reduced precision on the raw normalised bands is where errors start (and on some
+    backends is known to be wrong)."""
+    input_names = {i.name for i in graph.input}
+    found = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: list(a.ints) for a in node.attribute}
+        strides, kernel = attrs.get("strides", []), attrs.get("kernel_shape", [])
+        patchify = bool(strides) and strides == kernel and max(strides) >= 8
+        if "patch_embed" in node.name or patchify or node.input[0] in input_names:
+            found.append(node)
+    return found
 
 
 @contextlib.contextmanager
@@ -113,10 +80,7 @@ def quantize_static_int8(fp32: Path, out: Path, chips: np.ndarray, external: boo
 
     proto = onnx.load(str(fp32), load_external_data=False)
     input_name = proto.graph.input[0].name
-    # The first layers stay fp32: the patch embedding and any convolution fed the input bands
-    # directly (the UNet decoder's full-resolution stem) see the raw normalised bands.
-    first_layers = [n.name for n in proto.graph.node if n.op_type == "Conv"
-                    and ("patch_embed" in n.name or n.input[0] == input_name)]
+    first_layers = [n.name for n in input_facing_convs(proto.graph)]
     del proto
 
     class ChipReader(CalibrationDataReader):
@@ -155,20 +119,4 @@ def quantize_int8(fp32: Path, out: Path, card: dict, reporter: Reporter, mode: s
     else:
         quantize_dynamic_int8(fp32, out, external)
         done = "int8-dynamic"
-    if source != "training":
-        reporter.info("the training images named in the model card are not readable: the int8 model is "
-                      "compared with fp32 on random chips (values at the training mean ± a few std)")
-    return {"quantize": done, "chips": source, "num_chips": len(chips), **agreement(fp32, out, chips)}
-
-
-def check_agreement(result: dict, force: bool, reporter: Reporter) -> None:
-    text = (f"{result['quantize']} vs fp32 ONNX on {result['num_chips']} {result['chips']} chips: "
-            f"{result['argmax_agreement']:.2%} of pixels with the same class, max probability difference "
-            f"{result['max_prob_diff']:.2e}")
-    if result["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT:
-        reporter.info(text)
-        return
-    if not force:
-        raise EngineError(f"{text}: below {MIN_ARGMAX_AGREEMENT:.0%}; nothing written",
-                          hint="export without --quantize (fp32), or pass --force to keep the int8 model anyway")
-    reporter.warning(f"{text}: below {MIN_ARGMAX_AGREEMENT:.0%}; written anyway (--force)")
+    return {"quantize": done, **compare(fp32, out, chips, source, reporter, "int8")}

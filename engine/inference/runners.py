@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
-import ctypes.util
+import contextlib
+import ctypes
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,24 +28,83 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+# onnxruntime's GPU providers, in the order they are preferred, and the library each is in.
+GPU_PROVIDERS = {"TensorrtExecutionProvider": "onnxruntime_providers_tensorrt",
+                 "CUDAExecutionProvider": "onnxruntime_providers_cuda"}
+
+
+def cuda_device_count() -> int:
+    """NVIDIA GPUs the driver reports: 0 without a driver (libcuda) or without a GPU. Asked of the
+    driver itself (cuInit, cuDeviceGetCount), which costs milliseconds and loads no CUDA runtime."""
+    for name in (["nvcuda.dll"] if os.name == "nt" else ["libcuda.so.1", "libcuda.so"]):
+        try:
+            driver = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def _provider_library_loads(ort, provider: str) -> bool:
+    """Whether onnxruntime's library for ``provider`` loads with what this machine has (CUDA,
+    cuBLAS, TensorRT libraries), loaded as onnxruntime itself does: first its shared provider
+    bridge, globally. onnxruntime-gpu lists its GPU providers whatever is installed; asked for one
+    it cannot load, it prints an 'EP Error' on stdout (the jsonl event stream) and falls back."""
+    folder = Path(ort.__file__).parent / "capi"
+    stem = GPU_PROVIDERS[provider]
+    for prefix, suffix in (("lib", ".so"), ("", ".dll")):
+        library, bridge = folder / f"{prefix}{stem}{suffix}", folder / f"{prefix}onnxruntime_providers_shared{suffix}"
+        if library.is_file():
+            try:
+                if bridge.is_file():
+                    ctypes.CDLL(str(bridge), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+                ctypes.CDLL(str(library))
+                return True
+            except OSError:
+                return False
+    return False
+
+
+def onnx_providers(device: str = "auto") -> list[str]:
+    """onnxruntime providers for ``device``: TensorRT, CUDA (those usable here) then CPU for
+    ``auto``/``gpu``/``cuda``; CPU alone for ``cpu`` or where no GPU is usable (without trying a
+    GPU provider, which would print errors)."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if device not in ("auto", "gpu", "cuda"):
+        return providers
+    listed = [p for p in GPU_PROVIDERS if p in ort.get_available_providers()]
+    if not listed or cuda_device_count() == 0:
+        return providers
+    return [p for p in listed if _provider_library_loads(ort, p)] + providers
+
+
 class OnnxRunner:
+    """``provider``: the onnxruntime provider that runs the model (TensorRT, CUDA or CPU);
+    ``precision``: ``fp32``, ``fp16``, ``int8-dynamic`` or ``int8-static``, as exported."""
+
     def __init__(self, path: str | os.PathLike, device: str = "auto"):
         import onnxruntime as ort
 
         path = Path(path)
         if not path.is_file():
             raise EngineError(f"ONNX model not found: {path}", hint="pass a file written by 'export'")
-        providers = ["CPUExecutionProvider"]
-        if device in ("auto", "gpu", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers() \
-                and ctypes.util.find_library("cuda"):
-            providers.insert(0, "CUDAExecutionProvider")
-        elif device in ("gpu", "cuda"):
-            raise EngineError("--device gpu was asked for but onnxruntime has no usable CUDA provider here",
+        providers = onnx_providers(device)
+        if device in ("gpu", "cuda") and len(providers) == 1:
+            raise EngineError("--device gpu was asked for but onnxruntime has no usable GPU provider here "
+                              "(TensorRT or CUDA: a GPU, its driver and the CUDA libraries)",
                               hint="use --device auto or cpu")
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_count()  # the cores this process may use (int8 or fp32)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            # A GPU provider that fails at session creation (e.g. cuDNN missing) makes onnxruntime print
+            # its fallback on stdout: kept off the event stream.
+            with contextlib.redirect_stdout(sys.stderr):
+                self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
             raise EngineError(f"cannot load ONNX model {path}: {exc}",
                               hint=f"a model exported with its weights in {path.name}.data needs that file "
@@ -54,8 +115,15 @@ class OnnxRunner:
                               hint="export the model with 'python -m engine export'")
         self.card = validate_card(json.loads(meta[ONNX_CARD_KEY]), f"model card in {path.name}")
         self.input_name = self.session.get_inputs()[0].name
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self.quantize = self.card.get("export", {}).get("quantize")  # "int8-static"/"int8-dynamic" or None
+        self.provider = self.session.get_providers()[0]
+        if device in ("gpu", "cuda") and self.provider not in GPU_PROVIDERS:
+            raise EngineError(f"--device gpu was asked for but onnxruntime could not start {providers[0]} here",
+                              hint="see the onnxruntime messages above; use --device auto or cpu")
+        self.device = "cuda" if self.provider in GPU_PROVIDERS else "cpu"
+        export = self.card.get("export", {})
+        self.precision = export.get("quantize") or export.get("precision") or "fp32"
+        # predict's summary reports `quantize or "fp32"` as its precision: fp16 models say fp16 there.
+        self.quantize = export.get("quantize") or ("fp16" if self.precision == "fp16" else None)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
@@ -99,7 +167,7 @@ class TorchRunner:
 def load_runner(model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None,
                 precision: str = "auto"):
     if str(model).lower().endswith(".onnx"):
-        return OnnxRunner(model, device)  # fp32 or int8, as exported
+        return OnnxRunner(model, device)  # fp32, fp16 or int8, as exported
     return TorchRunner(model, device, reporter, precision)
 
 
