@@ -139,6 +139,34 @@ def bench_predict(model: str, image: str, out: str, overlap: int, batch: int) ->
             "torch_loaded": "torch" in sys.modules}
 
 
+def bench_streaming(model: str, image: str, out: str, overlap: int, batch: int) -> dict:
+    """predict's wall time against the model's pure forward over the same tiles in the same
+    batches, from memory (no reading, blending or writing): the cost of streaming."""
+    import numpy as np
+    import rasterio
+
+    import engine.inference.predict as predict_module
+    from engine.data.chips import tile_starts
+    from engine.inference.runners import load_runner
+
+    runner = load_runner(model)
+    size = int(runner.card["chip_size"])
+    with rasterio.open(image) as ds:
+        rows, cols = (tile_starts(n, size, size - overlap) for n in (ds.height, ds.width))
+    x = np.random.default_rng(0).standard_normal((batch, len(runner.card["input"]["bands"]), size, size),
+                                                 dtype=np.float32)
+    runner(x)  # warm-up
+    start = time.perf_counter()
+    for _ in rows:  # predict batches the tiles of one row of tiles at a time
+        for b in range(0, len(cols), batch):
+            runner(x[:len(cols[b:b + batch])])
+    forward = time.perf_counter() - start
+    predict_module.load_runner = lambda *a, **k: runner  # the loaded model: time the streaming only
+    start = time.perf_counter()
+    summary = predict_module.predict(model, [image], out, overlap=overlap, batch_size=batch)
+    return {"forward_s": forward, "predict_s": time.perf_counter() - start, "tiles": summary["tiles"]}
+
+
 def bench_tiles(model: str, onnx: str, chip: int, batch: int, repeats: int, onnx_int8: str | None = None) -> dict:
     import numpy as np
 
@@ -170,11 +198,55 @@ def child(kind: str, kwargs: dict) -> dict:
     return json.loads(line[0][len("RESULT"):])
 
 
+def side_by_side(venv: str, model: Path, image: Path, tmp: Path, size: int, rounds: int) -> list[tuple]:
+    """GeoPEFT predict (torch) and TerraTorch tiled_inference on the same size, same model
+    shape (Prithvi-EO-2.0-100M LoRA + UNet), crops 224, stride 192, batch 16, interleaved."""
+    from bench.peers import terratorch
+
+    python = terratorch.ensure_venv(venv)
+    ours, peer = [], []
+    for _ in range(rounds):
+        ours.append(child("bench_predict", {"model": str(model), "image": str(image), "out": str(tmp / "sbs.tif"),
+                                            "overlap": 32, "batch": 16}))
+        peer.append(terratorch.tiled(python, size, os.cpu_count() or 1))
+    best_ours = min(ours, key=lambda r: r["seconds"])
+    best_peer = min(peer, key=lambda r: r["seconds"])
+    rows = [(f"side by side {size}²: GeoPEFT torch vs TerraTorch",
+             f"{best_ours['seconds']:.0f} s, {best_ours['peak_rss_mib'] / 1024:.2f} GiB",
+             f"{best_peer['seconds'] / best_ours['seconds']:.2f}× TerraTorch's throughput (target ≥ 2×), "
+             f"{best_ours['peak_rss_mib'] / best_peer['peak_rss_mib']:.2f}× its memory; best of {rounds}",
+             f"{best_peer['seconds']:.0f} s, {best_peer['peak_rss_mib'] / 1024:.2f} GiB (measured now)")]
+    print(rows[-1], flush=True)
+    return rows
+
+
+def memory_scaling(tmp: Path, sizes: list[int]) -> list[tuple]:
+    """Peak RSS of predict against raster size, with the small prithvi_eo_v2_tiny (the memory
+    that grows with the raster is the strips', not the model's; a small model makes it show)."""
+    model = make_model_folder(tmp / "tiny", "prithvi_eo_v2_tiny", 224)
+    rows, first = [], None
+    for size in sizes:
+        image = make_raster(tmp / f"s{size}.tif", size)
+        r = child("bench_predict", {"model": str(model), "image": str(image), "out": str(tmp / f"s{size}.out.tif"),
+                                    "overlap": 32, "batch": 16})
+        image.unlink()
+        (tmp / f"s{size}.out.tif").unlink()
+        first = first or r["peak_rss_mib"]
+        rows.append((f"predict {size}² × 6, prithvi_eo_v2_tiny (memory)", f"{r['seconds']:.0f} s, "
+                     f"{r['peak_rss_mib'] / 1024:.2f} GiB", f"{r['peak_rss_mib'] / first:.2f}× the {sizes[0]}² peak",
+                     "—"))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--large", action="store_true")
     ap.add_argument("--backbone", default="prithvi_eo_v2_100")
+    ap.add_argument("--terratorch", metavar="VENV",
+                    help="also run TerraTorch 1.2.13's tiled_inference side by side, from this venv (made when "
+                         "missing: a few minutes; never a project dependency)")
     ap.add_argument("--prediction-only", action="store_true",
                     help="skip training; per tile and 2048² prediction only (torch, ONNX fp32 and int8)")
     args = ap.parse_args()
@@ -241,7 +313,18 @@ def main() -> None:
                              f"{r['tiles']} tiles" + ("" if r["torch_loaded"] else ", torch not loaded") + ratios,
                              PEERS.get(f"predict {size}", "—") if runner == "torch" else "—"))
                 print(rows[-1], flush=True)
+            if size == sizes[0]:
+                r = child("bench_streaming", {"model": str(model), "image": str(image),
+                                              "out": str(tmp / "stream.tif"), "overlap": 32, "batch": 16})
+                rows.append((f"streaming {size}² (torch)", f"predict {r['predict_s']:.1f} s vs pure forward "
+                             f"{r['forward_s']:.1f} s", f"streaming throughput = {r['forward_s'] / r['predict_s']:.0%} "
+                             "of the forward on in-memory tiles (target ≥ 90 %)", "—"))
+                print(rows[-1], flush=True)
+                if args.terratorch:
+                    rows.extend(side_by_side(args.terratorch, model, image, tmp, size, rounds=1 if args.quick else 2))
             image.unlink()
+        rows.extend(memory_scaling(tmp, [1024, 10240] + ([20480] if args.large else []) if not args.quick
+                                   else [512, 2048]))
     print()
     widths = [max(len(str(r[i])) for r in rows + [("what", "GeoPEFT", "notes", "TerraTorch 1.2.13")]) for i in range(4)]
     header = ("what", "GeoPEFT", "notes", "TerraTorch 1.2.13")

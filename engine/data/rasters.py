@@ -238,6 +238,20 @@ def _has_dataset_mask(flags) -> bool:
     return not (MaskFlags.all_valid in flags or MaskFlags.nodata in flags)
 
 
+BLOCK = 512  # GDAL's tiled GeoTIFF blocks are at most this tall in practice (ours are 256)
+
+
+def strip_block_cache(stack: RasterStack, rows: int, output_bytes_per_pixel: int = 0):
+    """A ``rasterio.Env`` whose GDAL block cache holds what streaming strips of ``rows`` rows over
+    the whole width needs (the input blocks two strips share, the output blocks being written),
+    not more. GDAL's default, 5 % of the machine's memory, fills with every block a scene-wide
+    pass reads and is never given back: RSS would grow with the raster instead of staying flat."""
+    itemsize = sum(np.dtype(ds.dtypes[b - 1]).itemsize for ds, b in
+                   ((stack._datasets[i], b) for i, b in stack._sources))
+    strip = (rows + 2 * BLOCK) * stack.grid.width * (itemsize + output_bytes_per_pixel)
+    return rasterio.Env(GDAL_CACHEMAX=int(min(max(2 * strip, 64 * 2**20), 1024 * 2**20)))
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
