@@ -126,6 +126,27 @@ def test_streamed_prediction_equals_a_whole_image_blend(monkeypatch, tmp_path, b
     assert max(runner.calls) <= batch_size
 
 
+@pytest.mark.parametrize("dtype, nodata", [("int16", -9999), ("float32", float("nan")), ("uint8", 0)])
+def test_other_input_types_and_their_nodata(monkeypatch, tmp_path, dtype, nodata):
+    """int16 with a negative nodata, float32 with NaN, uint8: the same pixels as the blend."""
+    runner = PlacedRunner(3)
+    monkeypatch.setattr(predict_module, "load_runner", lambda *a, **k: runner)
+    data = random_image(3, 90, 117, seed=5).astype(dtype)
+    data[:, 10:30, 20:60] = nodata
+    data[2, 40:45, 5:9] = nodata
+    if dtype == "int16":
+        data[0, 50:60, 50:60] = -300  # negative values are data, not nodata
+    image = write_raster(tmp_path / "image.tif", data, nodata=nodata)
+    out, probs = tmp_path / "out.tif", tmp_path / "p.tif"
+    predict("stub", [image], out, probabilities=probs)
+    labels, pct = expected_outputs(*naive_blend(runner, image, 12))
+    got = read(out)[0]
+    assert np.array_equal(got, labels)
+    assert np.array_equal(read(probs), pct)
+    assert (got[10:30, 20:60] == 255).all() and (got[40:45, 5:9] == 255).all()
+    assert (got[50:60, 50:60] != 255).all()
+
+
 def test_any_batch_size_and_any_split_into_row_ranges_give_the_same_pixels(tmp_path):
     runner = PlacedRunner(3)
     image = write_raster(tmp_path / "image.tif", random_image(3, 211, 120, seed=3))
