@@ -78,6 +78,13 @@ class PredictConfig:
     bands: list[int] = field(default_factory=list)  # 1-based; empty: the card's band numbers
     batch_size: int | None = None
     device: str = "auto"
+    # where to predict (outside: nodata; tiles outside never run). aoi: a box "minx,miny,maxx,maxy"
+    # in the image's CRS, "minx,miny,maxx,maxy@EPSG:code" in another, or a polygon vector file
+    # (aoi_layer: its layer, for multi-layer files); mask: a raster on the image's grid, non-zero
+    # = predict. Both may be given: the engine predicts where both say so.
+    aoi: str | None = None
+    aoi_layer: str | None = None
+    mask: str | None = None
 
 
 @dataclass
@@ -152,10 +159,42 @@ def predict_args(c: PredictConfig) -> list[str]:
         args += ["--polygons", c.polygons]
         if c.min_area:
             args += ["--min-area", _num(c.min_area)]
+    if c.aoi:
+        # a box may start with a minus sign: as "--aoi=-10.5,…" argparse takes it for a value
+        args += [f"--aoi={c.aoi}"] if c.aoi.startswith("-") else ["--aoi", c.aoi]
+        if c.aoi_layer:
+            args += ["--aoi-layer", c.aoi_layer]
+    if c.mask:
+        args += ["--mask", c.mask]
     if c.batch_size:
         args += ["--batch-size", str(c.batch_size)]
     args += ["--device", c.device]
     return args
+
+
+def aoi_box(xmin: float, ymin: float, xmax: float, ymax: float, authid: str | None = None) -> str:
+    """The engine's --aoi box: 'minx,miny,maxx,maxy' (each coordinate exactly, shortest form),
+    with '@EPSG:code' when it is in another CRS than the image's."""
+    def coord(v: float) -> str:
+        text = repr(float(v))
+        return text[:-2] if text.endswith(".0") else text
+    box = ",".join(coord(v) for v in (xmin, ymin, xmax, ymax))
+    return f"{box}@{authid}" if authid else box
+
+
+def parse_aoi_box(text: str) -> tuple[float, float, float, float] | None:
+    """(minx, miny, maxx, maxy) of an --aoi box ('@CRS' ignored), None if ``text`` is no box."""
+    values = text.split("@", 1)[0].split(",")
+    if len(values) != 4:
+        return None
+    try:
+        minx, miny, maxx, maxy = (float(v) for v in values)
+    except ValueError:
+        return None
+    return minx, miny, maxx, maxy
+
+
+MASK_SUFFIXES = (".tif", ".tiff", ".vrt")
 
 
 def export_args(c: ExportConfig) -> list[str]:
@@ -293,4 +332,37 @@ def validate_predict(c: PredictConfig) -> list[str]:
         problems.append("The minimum polygon area must be 0 or more.")
     if c.device not in DEVICES:
         problems.append(f"Unknown device {c.device!r}.")
+    problems += _area_problems(c, outputs)
+    return problems
+
+
+def _area_problems(c: PredictConfig, outputs: list[str]) -> list[str]:
+    """The area of interest and the mask: a sound box or an existing vector file, an existing
+    GeoTIFF mask; neither of them one of the outputs (the engine would overwrite it)."""
+    problems = []
+    box = parse_aoi_box(c.aoi) if c.aoi else None
+    if box is not None:
+        minx, miny, maxx, maxy = box
+        if not (minx < maxx and miny < maxy):
+            problems.append(f"The area of interest {c.aoi} is empty: it needs minx < maxx and "
+                            "miny < maxy.")
+        if "@" in c.aoi and not c.aoi.split("@", 1)[1].strip():
+            problems.append(f"The area of interest {c.aoi} names no CRS after '@' (e.g. @EPSG:4326).")
+        if c.aoi_layer:
+            problems.append("A layer name (aoi_layer) goes with a polygon file, not with a box.")
+    elif c.aoi:
+        if not os.path.isfile(c.aoi):
+            problems.append(f"Area of interest not found: {c.aoi} (give a box minx,miny,maxx,maxy "
+                            "or a polygon file: GeoPackage, GeoJSON, Shapefile).")
+        elif os.path.abspath(c.aoi) in outputs:
+            problems.append("The area of interest cannot also be an output.")
+    elif c.aoi_layer:
+        problems.append("A layer name (aoi_layer) needs an area of interest file.")
+    if c.mask:
+        if not c.mask.lower().endswith(MASK_SUFFIXES):
+            problems.append(f"The mask must be a GeoTIFF (.tif) or VRT on the input's grid: {c.mask}")
+        elif not os.path.isfile(c.mask):
+            problems.append(f"Mask raster not found: {c.mask}")
+        elif os.path.abspath(c.mask) in outputs:
+            problems.append("The mask cannot also be an output: choose another file for the output.")
     return problems

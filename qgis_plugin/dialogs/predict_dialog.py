@@ -7,11 +7,13 @@ import os
 from qgis.core import (
     Qgis,
     QgsApplication,
+    QgsFeatureRequest,
     QgsMapLayerProxyModel,
     QgsProject,
     QgsRasterLayer,
     QgsUnitTypes,
     QgsVectorLayer,
+    QgsVectorLayerFeatureSource,
 )
 from qgis.gui import QgsDoubleSpinBox, QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
 from qgis.PyQt.QtCore import QSize, Qt, QUrl
@@ -36,8 +38,11 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from .. import settings
+from ..aoi import AoiError, extent_aoi, overlaps, remove_temp, temp_aoi_path, write_polygons
 from ..core.bands import ModelsInfo, cached_models_info
 from ..core.commands import DEVICES, PredictConfig, predict_args, read_card, validate_predict
+from ..core.engine_client import EngineError
+from ..layers import layer_path
 from ..core.rasterinfo import band_descriptions, grid_problems
 from ..icons import icon
 from ..processing.base import ProgressMapper
@@ -51,6 +56,11 @@ from .train_dialog import DEVICE_LABELS
 
 
 BAND_NUMBER = Qt.ItemDataRole.UserRole
+# "Area": where to predict (the engine's --aoi / --mask)
+AREAS = (("all", "Whole raster"),
+         ("canvas", "Current map view"),
+         ("polygons", "Inside the polygons of a layer"),
+         ("mask", "Where a mask raster is non-zero"))
 
 
 class PredictDialog(QDialog):
@@ -91,6 +101,7 @@ class PredictDialog(QDialog):
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
         form.addRow("", self.model_info)
+        form.addRow("Area", self._build_area())
 
         self.band_group = QGroupBox("Bands")
         bands = QVBoxLayout(self.band_group)
@@ -169,6 +180,47 @@ class PredictDialog(QDialog):
         if image is not None:
             self.raster.setLayer(image)
         self._raster_changed(self.raster.currentLayer())
+
+    def _build_area(self) -> QWidget:
+        """Area: a choice, and under it the polygon layer (+ selected only) or the mask raster."""
+        box = QWidget()
+        layout = QVBoxLayout(box)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.area = QComboBox()
+        for key, text in AREAS:
+            self.area.addItem(text, key)
+        self.area.setToolTip("Predict only part of the raster: pixels outside are nodata, and "
+                             "the parts outside are not computed (faster).")
+        self.area_polygons = QWidget()
+        row = QHBoxLayout(self.area_polygons)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.aoi_layer = QgsMapLayerComboBox()
+        self.aoi_layer.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
+        self.aoi_layer.setToolTip("A polygon layer of the project, in any CRS: pixels whose "
+                                  "centre is inside a polygon are predicted.")
+        self.aoi_selected = QCheckBox("Selected features only")
+        row.addWidget(self.aoi_layer, 1)
+        row.addWidget(self.aoi_selected)
+        self.mask_layer = QgsMapLayerComboBox()
+        self.mask_layer.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.mask_layer.setToolTip("A raster on exactly the input's grid; band 1 non-zero = "
+                                   "predict, 0 or nodata = skip.")
+        self.area_note = QLabel("")
+        self.area_note.setWordWrap(True)
+        for widget in (self.area, self.area_polygons, self.mask_layer, self.area_note):
+            layout.addWidget(widget)
+        self.area.currentIndexChanged.connect(self._area_changed)
+        self._area_changed()
+        return box
+
+    def _area_changed(self, *_args) -> None:
+        area = self.area.currentData()
+        self.area_polygons.setVisible(area == "polygons")
+        self.mask_layer.setVisible(area == "mask")
+        notes = {"canvas": "The extent of the map view when you press Predict (in the map's CRS).",
+                 "mask": "Same grid as the raster (size, pixel size, origin, CRS)."}
+        self.area_note.setText(notes.get(area, ""))
+        self.area_note.setVisible(area in notes)
 
     # -- choices -------------------------------------------------------------------------------
     def _choose_model_folder(self) -> None:
@@ -253,11 +305,88 @@ class PredictDialog(QDialog):
         combo = self.band_choice.cellWidget(model_band - 1, 1)
         combo.setCurrentIndex(combo.findData(raster_band))
 
+    # -- where to predict ------------------------------------------------------------------------
+    def canvas_area(self) -> tuple[str | None, str | None]:
+        """(--aoi box of the map view's extent, problem): read now, on the UI thread (cheap)."""
+        layer = self.raster.currentLayer()
+        canvas = self.iface.mapCanvas() if self.iface is not None else None
+        if canvas is None:
+            return None, "There is no map view to take the extent from; choose another Area."
+        rect, crs = canvas.extent(), canvas.mapSettings().destinationCrs()
+        if rect.isEmpty():
+            return None, "The map view has no extent yet; choose another Area."
+        if layer is None:
+            return None, None
+        try:
+            aoi = extent_aoi(rect, crs, layer.crs(), QgsProject.instance().transformContext())
+        except AoiError as exc:
+            return None, str(exc)
+        if not overlaps(rect, crs, layer):
+            return aoi, (f"The map view does not overlap '{layer.name()}': zoom to the raster, or "
+                         "choose another Area.")
+        return aoi, None
+
+    def area_problems(self) -> list[str]:
+        area = self.area.currentData()
+        problems = []
+        if area == "canvas":
+            problem = self.canvas_area()[1]
+            problems += [problem] if problem else []
+        elif area == "polygons":
+            layer = self.aoi_layer.currentLayer()
+            if layer is None:
+                problems.append("Under Area, choose the polygon layer to predict inside.")
+            elif self.aoi_selected.isChecked() and layer.selectedFeatureCount() == 0:
+                problems.append(f"No polygons of '{layer.name()}' are selected: select some, or "
+                                "untick Selected features only.")
+            elif not self.aoi_selected.isChecked() and layer.featureCount() == 0:
+                problems.append(f"'{layer.name()}' has no polygons to predict inside.")
+        elif area == "mask":
+            mask = self.mask_layer.currentLayer()
+            image = self.raster.currentLayer()
+            if mask is None:
+                problems.append("Under Area, choose the mask raster.")
+            elif layer_path(mask) is None:
+                problems.append(f"The mask '{mask.name()}' must be a raster file (e.g. a GeoTIFF).")
+            elif image is not None:
+                problems += [p.replace(" is not on the same grid", " (mask) is not on the same grid")
+                             for p in grid_problems([image.source(), mask.source()])]
+        return problems
+
+    def aoi_writer(self, path: str):
+        """before(task) for the EngineTask: the polygon layer's features (the selection only, if
+        so chosen) written to ``path`` on the worker thread. The feature source and the ids are
+        taken here, on the UI thread (cheap); iterating them is thread-safe."""
+        layer = self.aoi_layer.currentLayer()
+        source = QgsVectorLayerFeatureSource(layer)
+        request = QgsFeatureRequest().setNoAttributes()
+        if self.aoi_selected.isChecked():
+            request.setFilterFids(layer.selectedFeatureIds())
+        crs, name = layer.crs(), layer.name()
+
+        def before(task) -> None:  # worker thread
+            try:
+                count = write_polygons(source.getFeatures(request), crs, path, name, task.isCanceled)
+            except AoiError as exc:
+                raise EngineError(str(exc)) from None
+            task.logLine.emit(f"Area of interest: {count} polygons of '{name}' written to {path}")
+        return before
+
     # -- config, validation, command -----------------------------------------------------------
-    def config(self) -> PredictConfig:
+    def config(self, aoi_file: str | None = None) -> PredictConfig:
+        """The dialog's choices. With Area 'polygons', ``aoi_file``: where the polygons will be
+        written (by the task, see ``start``); without it there is no --aoi yet."""
         layer = self.raster.currentLayer()
         chosen = self.chosen_bands()
         polygons = self._optional_path(self.want_polygons, self.polygons)
+        area = self.area.currentData()
+        aoi = mask = None
+        if area == "canvas":
+            aoi = self.canvas_area()[0]
+        elif area == "polygons":
+            aoi = aoi_file
+        elif area == "mask" and self.mask_layer.currentLayer() is not None:
+            mask = layer_path(self.mask_layer.currentLayer())
         return PredictConfig(
             model=self.model.filePath().strip(),
             images=[layer.source()] if layer is not None else [],
@@ -268,6 +397,8 @@ class PredictDialog(QDialog):
             min_area=self.min_area.value() if polygons and self.min_area.value() > 0 else None,
             bands=chosen if chosen and None not in chosen else [],
             device=self.device.currentData(),
+            aoi=aoi,
+            mask=mask,
         )
 
     @staticmethod
@@ -291,18 +422,20 @@ class PredictDialog(QDialog):
                 problems.append(f"Choose where to write the {what}, or untick it.")
         if config.images and layer is not None:
             problems += grid_problems(config.images)
+        problems += self.area_problems()
         problems = list(dict.fromkeys(problems))
         show_problems(self.bar, self.messages, "Cannot predict", problems)
         return problems
 
-    def command(self) -> list[str]:
-        return predict_args(self.config())
+    def command(self, aoi_file: str | None = None) -> list[str]:
+        return predict_args(self.config(aoi_file))
 
     # -- running -------------------------------------------------------------------------------
     def start(self) -> EngineTask | None:
         if self.task is not None or self.validate():
             return None
-        config = self.config()
+        aoi_file = temp_aoi_path() if self.area.currentData() == "polygons" else None
+        config = self.config(aoi_file)
         args = predict_args(config)
         self.messages.clear()
         self.bar.clearWidgets()
@@ -317,7 +450,9 @@ class PredictDialog(QDialog):
 
         mapper = ProgressMapper("predict")
         self.task = EngineTask("GeoPEFT: prediction", settings.engine_python(), args,
-                               progress=mapper.percent, after=after)
+                               progress=mapper.percent, after=after,
+                               before=self.aoi_writer(aoi_file) if aoi_file else None,
+                               cleanup=(lambda: remove_temp(aoi_file)) if aoi_file else None)
         self._mapper = mapper
         self.task.engineEvent.connect(self._on_event)
         self.task.logLine.connect(self.messages.add_log)

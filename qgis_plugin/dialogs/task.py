@@ -19,7 +19,11 @@ class EngineTask(QgsTask):
     """One engine command in the background (task manager: progress bar, cancel button).
 
     ``after(result, task)`` runs on the worker thread too when the engine succeeded (e.g.
-    polygonising); its return value is kept in ``after_result``. Signals arrive on the UI thread.
+    polygonising); its return value is kept in ``after_result``. ``before(task)`` runs on the
+    worker thread before the engine starts (e.g. writing a layer's features to the file named in
+    ``args``; an EngineError it raises is the task's error, a cancel during it skips the engine);
+    ``cleanup()`` runs on the worker thread at the very end, whatever happened (e.g. deleting
+    that file). Signals arrive on the UI thread.
     """
 
     engineEvent = pyqtSignal(object)  # each protocol event (dict); not "event": QObject.event()
@@ -27,12 +31,14 @@ class EngineTask(QgsTask):
     ended = pyqtSignal(object)  # this task, when finished (ok, cancelled or failed)
 
     def __init__(self, description: str, python: str | None, args: list[str], progress=None,
-                 after=None):
+                 after=None, before=None, cleanup=None):
         super().__init__(description, QgsTask.CanCancel)
         self.python = python
         self.args = args
         self.progress = progress  # event -> percent or None
         self.after = after
+        self.before = before
+        self.cleanup = cleanup
         self.result: EngineResult | None = None
         self.after_result = None
         self.error: EngineError | None = None
@@ -50,6 +56,20 @@ class EngineTask(QgsTask):
 
     def run(self) -> bool:  # worker thread
         try:
+            return self._run()
+        finally:
+            if self.cleanup is not None:
+                try:
+                    self.cleanup()
+                except Exception as exc:  # noqa: BLE001 - a leftover temporary file, not a failure
+                    self.logLine.emit(f"Cleanup failed: {exc}")
+
+    def _run(self) -> bool:
+        try:
+            if self.before is not None:
+                self.before(self)
+                if self.isCanceled():
+                    return True
             self.result = run_engine(self.python, self.args, on_event=self._on_event,
                                      is_cancelled=self.isCanceled, on_stderr=self.logLine.emit)
             if self.after is not None and not self.result.cancelled:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from qgis.core import (
+    QgsFeatureRequest,
     QgsMapLayer,
     QgsProcessing,
     QgsProcessingException,
@@ -11,6 +12,8 @@ from qgis.core import (
     QgsProcessingOutputString,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
     QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
@@ -21,6 +24,7 @@ from qgis.core import (
 )
 
 from .. import settings
+from ..aoi import AoiError, extent_aoi, remove_temp, temp_aoi_path, write_polygons
 from ..core.bands import ModelsInfo, fetch_models_info
 from ..core.commands import DEVICES, PredictConfig, parse_bands, predict_args, read_card, validate_predict
 from ..core.engine_client import EngineError
@@ -75,6 +79,9 @@ class PredictAlgorithm(EngineAlgorithm):
     BATCH_SIZE = "BATCH_SIZE"
     DEVICE = "DEVICE"
     CLASSES = "CLASSES"
+    EXTENT = "EXTENT"
+    AOI = "AOI"
+    MASK = "MASK"
 
     command = "predict"
 
@@ -95,13 +102,31 @@ class PredictAlgorithm(EngineAlgorithm):
             "class names and colours. Optionally the per-class probabilities; the <b>uncertainty</b> "
             "(0-100, normalised entropy of the probabilities: label the high places next); and "
             "class <b>polygons</b> in a GeoPackage (fields class_value, class_name, area; styled "
-            "by class), without regions smaller than <b>Minimum polygon area</b> (CRS units²).")
+            "by class), without regions smaller than <b>Minimum polygon area</b> (CRS units²).\n\n"
+            "<b>Where to predict</b> (all optional; default: the whole raster). Pixels outside are "
+            "nodata in every output, tiles with nothing inside are not computed, and the outputs "
+            "stay on the input's grid. <b>Predict only inside this extent</b>: a box in any CRS, "
+            "e.g. the map canvas or a layer's extent. <b>Predict only inside these polygons</b>: "
+            "a polygon layer in any CRS (tick 'Selected features only' to use only the "
+            "selection); a pixel is inside when its centre is. Give either the extent or the "
+            "polygons, not both (to combine them, clip the polygons to the extent first). "
+            "<b>Predict only where this raster is non-zero</b>: a mask raster on exactly the "
+            "input's grid (band 1; 0 and nodata = skip); with an extent or polygons, only pixels "
+            "inside both are predicted.")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, self.tr("Input raster")))
         self.addParameter(QgsProcessingParameterFile(
             self.MODEL, self.tr("Model (trained folder's card.json, or .onnx)"),
             fileFilter=MODEL_FILTER))
+        self.addParameter(QgsProcessingParameterExtent(
+            self.EXTENT, self.tr("Predict only inside this extent"), optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.AOI, self.tr("Predict only inside these polygons"),
+            [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.MASK, self.tr("Predict only where this raster is non-zero (same grid as the input)"),
+            optional=True))
         extra = QgsProcessingParameterMultipleLayers(
             self.EXTRA_INPUTS, self.tr("Additional rasters stacked after the input (as in training)"),
             QgsProcessing.TypeRaster, optional=True)
@@ -177,6 +202,17 @@ class PredictAlgorithm(EngineAlgorithm):
                     else self.parameterAsDouble(parameters, self.MIN_AREA, context) or None)
         batch = parameters.get(self.BATCH_SIZE)
         model = self.parameterAsFile(parameters, self.MODEL, context)
+        aoi = self.extent_aoi(parameters, context, layer)
+        if aoi and parameters.get(self.AOI) not in (None, ""):
+            raise QgsProcessingException(self.tr(
+                "Give either an extent (EXTENT) or polygons (AOI) to predict inside, not both: the "
+                "engine takes one area of interest. To combine them, clip the polygons to the "
+                "extent first (Vector ▸ Geoprocessing ▸ Clip, or 'Extract/clip by extent')."))
+        mask = None
+        if parameters.get(self.MASK) not in (None, ""):
+            mask = layer_path(self.parameterAsRasterLayer(parameters, self.MASK, context))
+            if mask is None:
+                raise QgsProcessingException(self.tr("The mask (MASK) must be a file-based raster."))
         return PredictConfig(
             model=model,
             images=images,
@@ -188,14 +224,58 @@ class PredictAlgorithm(EngineAlgorithm):
             min_area=min_area,
             batch_size=None if batch in (None, "") else self.parameterAsInt(parameters, self.BATCH_SIZE, context),
             device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+            aoi=aoi,
+            mask=mask,
         )
+
+    def extent_aoi(self, parameters, context, layer) -> str | None:
+        """EXTENT as the engine's --aoi box: '…@EPSG:code' in the extent's CRS, else reprojected
+        to the input raster's CRS; None without an extent."""
+        if parameters.get(self.EXTENT) in (None, ""):
+            return None
+        rect = self.parameterAsExtent(parameters, self.EXTENT, context)
+        if rect is None or rect.isNull() or rect.isEmpty():
+            return None
+        crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+        try:
+            return extent_aoi(rect, crs, layer.crs(), context.transformContext())
+        except AoiError as exc:
+            raise QgsProcessingException(str(exc)) from None
+
+    def write_aoi(self, parameters, context, feedback) -> str | None:
+        """AOI's polygons (the selection only, if so chosen) in a temporary GeoPackage; its path,
+        or None without AOI. Runs in processAlgorithm: Processing's worker thread."""
+        if parameters.get(self.AOI) in (None, ""):
+            return None
+        source = self.parameterAsSource(parameters, self.AOI, context)
+        if source is None:
+            raise QgsProcessingException(self.tr("Could not read the polygons (AOI)."))
+        path = temp_aoi_path()
+        try:
+            count = write_polygons(source.getFeatures(QgsFeatureRequest().setNoAttributes()),
+                                   source.sourceCrs(), path, source.sourceName(), feedback.isCanceled)
+        except AoiError as exc:
+            remove_temp(path)
+            raise QgsProcessingException(str(exc)) from None
+        feedback.pushInfo(self.tr("Area of interest: {} polygons of {}").format(count, source.sourceName()))
+        return path
 
     def processAlgorithm(self, parameters, context, feedback):
         config = self.config(parameters, context, feedback)
         problems = validate_predict(config) + grid_problems(config.images)
+        if config.mask:
+            problems += [p.replace(" is not on the same grid", " (mask) is not on the same grid")
+                         for p in grid_problems([config.images[0], config.mask])]
         if problems:
             raise QgsProcessingException("\n".join(problems))
-        result = self.run_engine_command(predict_args(config), feedback)
+        config.aoi = self.write_aoi(parameters, context, feedback) or config.aoi
+        try:
+            if feedback.isCanceled():
+                raise QgsProcessingException(self.tr("Prediction cancelled; no output was written."))
+            result = self.run_engine_command(predict_args(config), feedback)
+        finally:
+            if config.aoi and parameters.get(self.AOI) not in (None, ""):
+                remove_temp(config.aoi)
         if result.cancelled:
             raise QgsProcessingException(self.tr("Prediction cancelled; no output was written."))
         raster = result.artifact("raster") or {}

@@ -7,6 +7,9 @@ the engine), ``leak`` (reports its environment), ``echo`` (done at once, reporti
 (writes small outputs on the input's grid as the real engine names them: class raster, uncertainty
 uint8 0-100 with nodata 255, polygons GeoPackage layer "predictions" with class_value,
 class_name, area; reports each as an artifact). ``$FAKE_ENGINE_MODE`` overrides the command.
+``$FAKE_ENGINE_RECORD`` (a folder): what the engine got, before anything runs: ``argv.json`` and a
+copy of the files given to --aoi/--mask (``aoi.gpkg``, ``mask.tif``: the plugin may delete its own
+temporary ones afterwards).
 """
 import json
 import os
@@ -32,7 +35,25 @@ def emit(event, **fields):
 
 
 def option(name, default=None):
+    for arg in args:  # "--aoi=-10.5,…" as well as "--aoi VALUE"
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
     return args[args.index(name) + 1] if name in args else default
+
+
+def record(folder):
+    import shutil
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "argv.json"), "w", encoding="utf-8") as f:
+        json.dump(args, f)
+    for flag in ("--aoi", "--mask"):
+        value = option(flag)
+        if value and os.path.isfile(value):
+            shutil.copy(value, os.path.join(folder, flag[2:] + os.path.splitext(value)[1]))
+
+
+if os.environ.get("FAKE_ENGINE_RECORD"):
+    record(os.environ["FAKE_ENGINE_RECORD"])
 
 
 def fake_predict():
