@@ -1,7 +1,9 @@
 """``evaluate``: a predicted class raster against reference labels (raster or vector).
 
-Reference labels are put on the prediction's grid with the same loader training uses; the
-prediction is read window by window. Nodata and ignored pixels on either side are excluded.
+Reference labels are put on the prediction's grid with the same loader training uses (kept only
+in the windows where they are); the prediction is read block by block and the confusion matrix
+accumulated per block, so neither raster is ever whole in memory. Nodata and ignored pixels on
+either side are excluded.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.labels import load_labels, make_classes
+from engine.data.labels import load_labels, make_classes, scan_cache
 from engine.data.rasters import Grid, atomic_output, open_raster
 from engine.metrics import confusion, format_table, scores
 from engine.protocol import Reporter
@@ -27,7 +29,7 @@ def evaluate(prediction: str | os.PathLike, labels: str | os.PathLike, out: str 
              label_field: str | None = None, ignore_index: int | None = None,
              reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
-    with open_raster(prediction, "prediction") as ds:
+    with open_raster(prediction, "prediction") as ds, scan_cache(ds.width, np.dtype(ds.dtypes[0]).itemsize):
         grid = Grid.of(ds)
         nodata = ds.nodata
         tagged = ds.tags().get("GEOPEFT_CLASSES")
@@ -48,14 +50,14 @@ def evaluate(prediction: str | os.PathLike, labels: str | os.PathLike, out: str 
         ref_map = _index_of(ref_values, table)
         matrix = np.zeros((len(classes), len(classes)), np.int64)
         for n, w in enumerate(blocks):
-            v = ds.read(1, window=w)
-            pred_idx = _index_of(v, table)
-            if nodata is not None:
-                pred_idx[v == nodata] = -1
-            r, c = int(w.row_off), int(w.col_off)
-            ref = reference.index[r:r + int(w.height), c:c + int(w.width)]
-            ref_idx = np.where(ref >= 0, ref_map[np.maximum(ref, 0)], -1)
-            matrix += confusion(ref_idx, pred_idx, len(classes))
+            ref = reference.crop(w)
+            if (ref >= 0).any():  # blocks without reference labels add nothing: not read
+                v = ds.read(1, window=w)
+                pred_idx = _index_of(v, table)
+                if nodata is not None:
+                    pred_idx[v == nodata] = -1
+                ref_idx = np.where(ref >= 0, ref_map[np.maximum(ref, 0)], -1)
+                matrix += confusion(ref_idx, pred_idx, len(classes))
             reporter.progress("evaluate", n + 1, len(blocks))
     result = scores(matrix, [c["name"] for c in classes])
     result["classes"] = classes

@@ -3,12 +3,18 @@ a class field (rasterised, reprojected when CRSs differ), as a mask of class ind
 
 Classes are ``{"value": int, "name": str, "colour": "#rrggbb"}`` dicts; the mask holds the
 index of the class in that list, and -1 where there is no label.
+
+The mask is kept only where the labels are: a few polygons on a 50 000 px mosaic must not cost a
+full-grid array. A label raster is scanned strip by strip and polygons are rasterised only in
+the blocks their bounding boxes touch; what is kept is a list of disjoint windows (each inside
+one ``LABEL_BLOCK`` block of the grid, cropped to its labelled pixels).
 """
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +24,8 @@ from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
 
 from engine.data.rasters import Grid, open_raster
 from engine.protocol import EngineError
@@ -29,14 +37,98 @@ PALETTE = ["#1f78b4", "#33a02c", "#e31a1c", "#ff7f00", "#6a3d9a", "#b15928", "#a
            "#fb9a99", "#fdbf6f", "#cab2d6", "#ffff99", "#8dd3c7", "#bebada", "#80b1d3", "#fccde5"]
 
 
+LABEL_BLOCK = 512  # side of the grid blocks labels are scanned, rasterised and kept in
+
+
+@dataclass
+class LabelWindow:
+    """Class indices (NO_LABEL where unlabelled) of one window of the image grid."""
+
+    row: int
+    col: int
+    index: np.ndarray  # int16 [h, w]
+
+    @property
+    def window(self) -> Window:
+        return Window(self.col, self.row, self.index.shape[1], self.index.shape[0])
+
+
 @dataclass
 class LabelMask:
-    index: np.ndarray  # int16 [H, W]: class index, NO_LABEL where unlabelled
+    """Class indices on a ``height`` x ``width`` grid, held as disjoint ``windows``: every pixel
+    outside them is unlabelled. Training targets (train/validation) share this form."""
+
+    windows: list[LabelWindow]
     classes: list[dict]
+    height: int
+    width: int
+
+    @classmethod
+    def of_array(cls, index: np.ndarray, classes: Sequence[dict] = ()) -> "LabelMask":
+        """One window covering the whole grid (a label array already in memory)."""
+        return cls([LabelWindow(0, 0, np.asarray(index))], list(classes), *np.shape(index))
+
+    def with_indices(self, indices: Sequence[np.ndarray]) -> "LabelMask":
+        """The same windows holding other class indices (e.g. a training target)."""
+        return LabelMask([LabelWindow(w.row, w.col, i) for w, i in zip(self.windows, indices)],
+                         self.classes, self.height, self.width)
 
     @property
     def labelled(self) -> int:
-        return int((self.index >= 0).sum())
+        return sum(int((w.index >= 0).sum()) for w in self.windows)
+
+    def class_counts(self) -> np.ndarray:
+        """Labelled pixels per class."""
+        counts = np.zeros(len(self.classes), np.int64)
+        for w in self.windows:
+            counts += np.bincount(w.index[w.index >= 0].ravel(), minlength=len(self.classes))[:len(counts)]
+        return counts
+
+    @cached_property
+    def bounds(self) -> np.ndarray:
+        """[N, 4] (row0, col0, row1, col1) of the windows."""
+        return np.array([(w.row, w.col, w.row + w.index.shape[0], w.col + w.index.shape[1])
+                         for w in self.windows], np.int64).reshape(-1, 4)
+
+    def crop(self, window: Window) -> np.ndarray:
+        """int16 [h, w] class indices of any window of the grid (NO_LABEL outside the labels)."""
+        r, c = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        out = np.full((h, w), NO_LABEL, np.int16)
+        b = self.bounds
+        for k in np.flatnonzero((b[:, 0] < r + h) & (b[:, 2] > r) & (b[:, 1] < c + w) & (b[:, 3] > c)):
+            lw = self.windows[k]
+            r0, c0, r1, c1 = max(r, b[k, 0]), max(c, b[k, 1]), min(r + h, b[k, 2]), min(c + w, b[k, 3])
+            out[r0 - r:r1 - r, c0 - c:c1 - c] = lw.index[r0 - lw.row:r1 - lw.row, c0 - lw.col:c1 - lw.col]
+        return out
+
+    @property
+    def index(self) -> np.ndarray:
+        """The whole grid as one array: only for small rasters (training and evaluation work by
+        window and never build it)."""
+        return self.crop(Window(0, 0, self.width, self.height))
+
+
+def as_labels(index) -> LabelMask:
+    """A ``LabelMask`` as it is, or a label array as one window covering its grid."""
+    return index if isinstance(index, LabelMask) else LabelMask.of_array(index)
+
+
+def labelled_box(labelled: np.ndarray) -> tuple[slice, slice] | None:
+    """(rows, cols) slices of the bounding box of the True pixels; None when there are none."""
+    rows, cols = np.flatnonzero(labelled.any(axis=1)), np.flatnonzero(labelled.any(axis=0))
+    if not len(rows):
+        return None
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def label_window(row: int, col: int, index: np.ndarray) -> LabelWindow | None:
+    """The window at (row, col) cropped to its labelled pixels; None when it holds none."""
+    box = labelled_box(index >= 0)
+    if box is None:
+        return None
+    rows, cols = box
+    return LabelWindow(row + rows.start, col + cols.start, index[rows, cols].copy())
 
 
 def is_vector(path: str | os.PathLike) -> bool:
@@ -108,8 +200,9 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
             except EngineError:
                 classes = None
         if Grid.of(ds).same_as(grid):
-            values = ds.read(1)
-            covered = np.ones(values.shape, bool)
+            with scan_cache(grid.width, np.dtype(ds.dtypes[0]).itemsize):
+                found, present = _scan_label_raster(ds, Window(0, 0, grid.width, grid.height), nodata,
+                                                    ignore_value)
         else:
             if ds.crs is None or grid.crs is None:
                 raise EngineError(f"labels {path.name} are on another grid than the image and have no CRS",
@@ -121,22 +214,74 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
                                   hint="check that labels and image cover the same area (and their CRS)")
             # Nearest neighbour: class numbers must not be averaged. The alpha band marks the
             # pixels the labels cover, so no class value (0 included) stands in for "outside".
-            with WarpedVRT(ds, crs=grid.crs, transform=grid.transform, width=grid.width,
-                           height=grid.height, resampling=Resampling.nearest, add_alpha=True) as vrt:
-                values = vrt.read(1)
-                covered = vrt.read_masks(1) > 0
-    invalid = ~covered
-    if nodata is not None:
-        invalid |= values == nodata
-    if ignore_value is not None:
-        invalid |= values == ignore_value
-    present = np.unique(values[~invalid])
+            # Only the part of the image grid under the labels' bounds is scanned.
+            with scan_cache(grid.width, np.dtype(ds.dtypes[0]).itemsize), \
+                    WarpedVRT(ds, crs=grid.crs, transform=grid.transform, width=grid.width,
+                              height=grid.height, resampling=Resampling.nearest, add_alpha=True) as vrt:
+                region = _pixel_region((left, bottom, right, top), grid)
+                found, present = _scan_label_raster(vrt, region, nodata, ignore_value, covered=True)
     cls = make_classes(present, classes, colours)
-    index = np.full(values.shape, NO_LABEL, np.int16)
     lookup = {c["value"]: i for i, c in enumerate(cls)}
-    for v, i in lookup.items():
-        index[(values == v) & ~invalid] = i
-    return LabelMask(index, cls)
+    windows = []
+    for row, col, values, valid in found:
+        index = np.full(values.shape, NO_LABEL, np.int16)
+        for v, i in lookup.items():
+            index[(values == v) & valid] = i
+        windows.append(LabelWindow(row, col, index))
+    return LabelMask(windows, cls, grid.height, grid.width)
+
+
+def scan_cache(width: int, itemsize: int):
+    """A ``rasterio.Env`` whose GDAL block cache holds a few strips of LABEL_BLOCK rows of a
+    raster ``width`` pixels wide (at least 64 MiB). GDAL's default, 5 % of the machine's memory,
+    keeps every block a scene-wide scan reads, so memory would grow with the raster."""
+    return rasterio.Env(GDAL_CACHEMAX=max(64 * 2 ** 20, 4 * LABEL_BLOCK * width * itemsize))
+
+
+def _pixel_region(bounds, grid: Grid) -> Window:
+    """The window of the grid (whole pixels and one more around, clipped to the grid) covering
+    ``bounds`` (left, bottom, right, top in its CRS); empty when they miss the grid."""
+    left, bottom, right, top = bounds
+    inverse = ~grid.transform
+    cols, rows = zip(*(inverse @ (x, y) for x in (left, right) for y in (bottom, top)))
+    r0, c0 = max(int(np.floor(min(rows))) - 1, 0), max(int(np.floor(min(cols))) - 1, 0)
+    r1 = min(int(np.ceil(max(rows))) + 1, grid.height)
+    c1 = min(int(np.ceil(max(cols))) + 1, grid.width)
+    return Window(c0, r0, max(c1 - c0, 0), max(r1 - r0, 0))
+
+
+def _block_starts(start: int, stop: int) -> list[tuple[int, int]]:
+    """[start, stop) cut at the multiples of LABEL_BLOCK."""
+    edges = [start, *range((start // LABEL_BLOCK + 1) * LABEL_BLOCK, stop, LABEL_BLOCK), stop]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _scan_label_raster(src, region: Window, nodata, ignore_value, covered: bool = False):
+    """Read ``region`` of a label raster on the image grid one strip of LABEL_BLOCK rows at a
+    time; keep, per block of the strip, the labelled pixels' bounding window (raw values and
+    validity). Returns ([(row, col, values, valid)], label values present)."""
+    r0, c0 = int(region.row_off), int(region.col_off)
+    r1, c1 = r0 + int(region.height), c0 + int(region.width)
+    found, present = [], set()
+    if c1 <= c0:
+        return found, present
+    for top, bottom in _block_starts(r0, r1):
+        strip = Window(c0, top, c1 - c0, bottom - top)
+        values = src.read(1, window=strip)
+        valid = src.read_masks(1, window=strip) > 0 if covered else np.ones(values.shape, bool)
+        if nodata is not None:
+            valid &= values != nodata
+        if ignore_value is not None:
+            valid &= values != ignore_value
+        if not valid.any():
+            continue
+        present.update(np.unique(values[valid]).tolist())
+        for left, right in _block_starts(c0, c1):
+            box = labelled_box(valid[:, left - c0:right - c0])
+            if box is not None:
+                rows, cols = box[0], slice(box[1].start + left - c0, box[1].stop + left - c0)
+                found.append((top + rows.start, c0 + cols.start, values[rows, cols].copy(), valid[rows, cols].copy()))
+    return found, present
 
 
 def _vector_labels(path: Path, grid: Grid, field: str | None, classes) -> LabelMask:
@@ -187,7 +332,36 @@ def _vector_labels(path: Path, grid: Grid, field: str | None, classes) -> LabelM
         values = [value_of[str(v)] for v in raw_values]
         cls = sorted(cls, key=lambda c: c["value"])
     lookup = {c["value"]: i for i, c in enumerate(cls)}
-    shapes = ((geom, lookup[v]) for (geom, _), v in zip(records, values))
-    index = rasterize(shapes, out_shape=(grid.height, grid.width), transform=grid.transform,
-                      fill=NO_LABEL, dtype="int16")
-    return LabelMask(index, cls)
+    shapes = [(geom, lookup[v]) for (geom, _), v in zip(records, values)]
+    return LabelMask(_rasterise_by_block(shapes, grid), cls, grid.height, grid.width)
+
+
+def _rasterise_by_block(shapes: list, grid: Grid) -> list[LabelWindow]:
+    """Rasterise (geometry, class index) pairs only in the LABEL_BLOCK blocks of the grid their
+    bounding boxes touch, each block with its own transform (later shapes over earlier ones,
+    as one rasterisation of the whole grid would)."""
+    from rasterio.features import bounds as geometry_bounds
+
+    boxes, in_block = {}, {}
+    for k, (geom, _) in enumerate(shapes):
+        box = _pixel_region(geometry_bounds(geom), grid)
+        if box.width <= 0 or box.height <= 0:
+            continue  # outside the image
+        boxes[k] = r0, c0, r1, c1 = box.row_off, box.col_off, box.row_off + box.height, box.col_off + box.width
+        for top, bottom in _block_starts(r0, r1):
+            for left, right in _block_starts(c0, c1):
+                in_block.setdefault((top // LABEL_BLOCK, left // LABEL_BLOCK), []).append(k)
+    windows = []
+    for (br, bc), ks in sorted(in_block.items()):
+        # the part of the block the shapes' boxes cover
+        r0 = max(br * LABEL_BLOCK, min(boxes[k][0] for k in ks))
+        c0 = max(bc * LABEL_BLOCK, min(boxes[k][1] for k in ks))
+        r1 = min((br + 1) * LABEL_BLOCK, max(boxes[k][2] for k in ks))
+        c1 = min((bc + 1) * LABEL_BLOCK, max(boxes[k][3] for k in ks))
+        window = Window(c0, r0, c1 - c0, r1 - r0)
+        index = rasterize([shapes[k] for k in ks], out_shape=(r1 - r0, c1 - c0),
+                          transform=window_transform(window, grid.transform), fill=NO_LABEL, dtype="int16")
+        found = label_window(r0, c0, index)
+        if found is not None:
+            windows.append(found)
+    return windows

@@ -1,7 +1,8 @@
 """Training data: chips read from the image stack by window, with their label chips.
 
-Labels are held in memory as a class-index mask on the image grid (int16); image chips are
-read from disk on demand, so the image itself never has to fit in memory.
+Labels are held in memory as class-index windows of the image grid (int16, only where labels
+are: ``LabelMask``); image chips are read from disk on demand, so the image itself never has
+to fit in memory.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import DataLoader, Dataset
 
-from engine.data.chips import normalise, tile_windows
+from engine.data.chips import normalise, tile_starts, window_counts
+from engine.data.labels import LabelMask
 from engine.data.rasters import RasterStack
 
 
@@ -30,7 +32,7 @@ class ChipSource:
 class ChipDataset(Dataset):
     """Chips on fixed ``windows`` (validation); labels outside ``target`` (-1) are ignored."""
 
-    def __init__(self, source: ChipSource, windows: list[Window], target: np.ndarray):
+    def __init__(self, source: ChipSource, windows: list[Window], target: LabelMask):
         self.source = source
         self.windows = windows
         self.target = target
@@ -44,13 +46,7 @@ class ChipDataset(Dataset):
             self._stack = RasterStack(self.source.images, self.source.bands)
         data, valid = self._stack.read(window)
         x = normalise(data, valid, self.source.mean, self.source.std)
-        r, c = int(window.row_off), int(window.col_off)
-        h, w = int(window.height), int(window.width)
-        y = np.full((h, w), -1, np.int64)
-        H, W = self.target.shape
-        r0, c0, r1, c1 = max(r, 0), max(c, 0), min(r + h, H), min(c + w, W)
-        if r1 > r0 and c1 > c0:
-            y[r0 - r:r1 - r, c0 - c:c1 - c] = self.target[r0:r1, c0:c1]
+        y = self.target.crop(window).astype(np.int64)
         y[~valid] = -1
         return x, y
 
@@ -64,7 +60,7 @@ class RandomCrops(ChipDataset):
     ``engine.data.chips.crop_positions``) with a random D4 flip/rotation, so every epoch sees
     new crops over the whole labelled area instead of the same fixed grid."""
 
-    def __init__(self, source: ChipSource, positions: np.ndarray, target: np.ndarray, size: int, length: int):
+    def __init__(self, source: ChipSource, positions: np.ndarray, target: LabelMask, size: int, length: int):
         super().__init__(source, [], target)
         self.positions = positions
         self.size = size
@@ -84,11 +80,11 @@ class RandomCrops(ChipDataset):
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 
-def labelled_windows(target: np.ndarray, size: int, stride: int) -> list[Window]:
+def labelled_windows(target: LabelMask, size: int, stride: int) -> list[Window]:
     """Windows of the tiling rule holding at least one labelled pixel (validation chips)."""
-    H, W = target.shape
-    return [w for w in tile_windows(H, W, size, stride)
-            if (target[int(w.row_off):int(w.row_off) + size, int(w.col_off):int(w.col_off) + size] >= 0).any()]
+    positions, counts = window_counts([target], tile_starts(target.height, size, stride),
+                                      tile_starts(target.width, size, stride), size)
+    return [Window(int(c), int(r), size, size) for (r, c), n in zip(positions, counts[:, 0]) if n > 0]
 
 
 class ChipDataModule(L.LightningDataModule):

@@ -18,7 +18,7 @@ from engine import __version__
 from engine.card import CARD_VERSION, WEIGHTS_FILE, write_card
 from engine.data.chips import band_statistics
 from engine.models.decoders import default_decoder
-from engine.data.labels import load_labels
+from engine.data.labels import LabelMask, load_labels
 from engine.data.rasters import RasterStack, current_umask
 from engine import protocol
 from engine.protocol import EngineError, Reporter
@@ -107,8 +107,8 @@ class TrainingData:
     """Everything ``prepare_data`` derives from the rasters: targets, statistics, datasets."""
 
     classes: list[dict]
-    train_target: np.ndarray  # int16 [H, W] class index, -1 unlabelled
-    val_target: np.ndarray
+    train_target: LabelMask  # class indices in the label windows, -1 unlabelled
+    val_target: LabelMask
     mean: list[float]
     std: list[float]
     grid: object
@@ -143,10 +143,10 @@ def choose_method_and_lr(method: str, lr: float | None, pretrained: bool, report
     return method, lr
 
 
-def class_weights(target: np.ndarray, num_classes: int, reporter: Reporter) -> list[float]:
+def class_weights(target: LabelMask, num_classes: int, reporter: Reporter) -> list[float]:
     """Inverse square-root frequency weights (mean 1) when the classes are unbalanced (the
     largest over 3× the smallest), else all 1. A class missing from training gets weight 1."""
-    counts = np.bincount(target[target >= 0].ravel(), minlength=num_classes).astype(np.float64)
+    counts = target.class_counts().astype(np.float64)
     present = counts > 0
     if counts[present].max() <= 3 * counts[present].min():
         return [1.0] * num_classes
@@ -159,7 +159,11 @@ def class_weights(target: np.ndarray, num_classes: int, reporter: Reporter) -> l
 
 
 def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
-    """Read labels, choose the chip size, split, compute statistics and build the datasets."""
+    """Read labels, choose the chip size, split, compute statistics and build the datasets.
+
+    Everything works on the label windows (``LabelMask``): labels are read and rasterised only
+    where they are and image pixels only under them, so a few polygons on a huge mosaic cost
+    memory for the polygons, not for the mosaic."""
     from engine.data.chips import choose_chip_size, crop_positions, training_split
     from engine.training.data import ChipDataset, ChipSource, RandomCrops, labelled_windows
 
@@ -173,11 +177,11 @@ def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
                               f"({labels.classes[0]['name']})", hint="label at least two classes")
         chip = cfg.chip_size
         if chip is None:
-            chip, why = choose_chip_size(labels.index, spec.patch_size)
+            chip, why = choose_chip_size(labels, spec.patch_size)
             reporter.info(why)
         reporter.progress("prepare", 2, 4, "spatial split and normalisation statistics")
-        train_target, val_target = training_split(labels.index, chip, cfg.val_fraction, cfg.seed)
-        mean, std = band_statistics(stack, train_target >= 0)
+        train_target, val_target = training_split(labels, chip, cfg.val_fraction, cfg.seed)
+        mean, std = band_statistics(stack, train_target)
         grid, band_indices, source_dtype = stack.grid, stack.band_indices, str(np.dtype(stack.dtype))
 
     step = max(1, chip // 16)
@@ -188,12 +192,12 @@ def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
                           hint="label more of the image, lower --val-fraction, or pass --val-fraction 0")
     val_windows = labelled_windows(val_target, chip, chip)
     source = ChipSource([str(p) for p in cfg.images], band_indices, mean, std)
-    train_pixels = int((train_target >= 0).sum())
+    train_pixels = train_target.labelled
     # Each labelled pixel falls in about four crops per epoch; at least eight batches.
     per_epoch = cfg.chips_per_epoch or max(8 * cfg.batch_size, math.ceil(4 * train_pixels / chip ** 2))
     train_set = RandomCrops(source, positions, train_target, chip, per_epoch)
     val_set = ChipDataset(source, val_windows, val_target) if val_windows else None
-    reporter.info(f"{len(labels.classes)} classes; {train_pixels} training / {int((val_target >= 0).sum())} "
+    reporter.info(f"{len(labels.classes)} classes; {train_pixels} training / {val_target.labelled} "
                   f"validation pixels (validation in blocks of {2 * chip} px, training labels kept "
                   f"{chip // 2} px away from them); {per_epoch} random {chip} px crops per epoch from "
                   f"{len(positions)} positions, {len(val_windows)} validation chips")
