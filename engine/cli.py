@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"],
                    help="PyTorch models: auto = bf16 on GPUs and bf16-capable CPUs, else fp32 (ONNX: fp32)")
+    p.add_argument("--devices", default="1",
+                   help="processes per node: more than 1 predicts with Lightning DDP, each process its own band "
+                   "of rows (one GPU each with --device gpu, else a share of the CPU cores); auto = every GPU")
+    p.add_argument("--num-nodes", type=int, default=1,
+                   help="machines predicting together (Lightning's environment variables; the output's folder "
+                   "must be shared)")
+    p.add_argument("--strategy", default="auto", help="with several processes: ddp (auto means ddp)")
     _common(p)
 
     e = sub.add_parser("export", help="merge adapters and export the model to ONNX", formatter_class=fmt)
@@ -177,7 +184,8 @@ def cmd_predict(a, reporter: Reporter) -> dict:
     summary = predict(a.model, a.image, a.out, probabilities=a.probabilities, uncertainty=a.uncertainty,
                       polygons=a.polygons, min_area=a.min_area, simplify=a.simplify, batch_size=a.batch_size,
                       overlap=a.overlap, device=a.device, bands=parse_band_list(a.bands),
-                      precision=a.precision, aoi=a.aoi, aoi_layer=a.aoi_layer, mask=a.mask, reporter=reporter)
+                      precision=a.precision, aoi=a.aoi, aoi_layer=a.aoi_layer, mask=a.mask, devices=a.devices,
+                      num_nodes=a.num_nodes, strategy=a.strategy, reporter=reporter)
     if reporter.mode == "human" and summary.get("out"):
         print(f"prediction written to {summary['out']} ({summary['tiles']} tiles in {summary['seconds']} s, "
               f"{summary['runner']} on {summary['device']}, {summary['precision']})")
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only rank 0 of a distributed run reports (Lightning relaunches this command per process).
     rank0 = all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK"))
     reporter = Reporter(args.events, stream=events_out if args.events == "jsonl" else None, enabled=rank0)
-    reporter.install_cancel_handlers(stdin=args.cancel_on_stdin)
+    reporter.install_cancel_handlers(stdin=args.cancel_on_stdin and rank0)  # one reader of stdin's "cancel"
     reporter.start(args.command)
     try:
         summary = COMMANDS[args.command](args, reporter)
@@ -279,5 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL_ERROR
     finally:
         sys.stdout = events_out
-    reporter.done(ok=not reporter.cancelled or bool(summary.get("out")), **(summary or {}))
+    summary = dict(summary or {})
+    if summary.pop("cancelled", False):  # predict's own word (done carries the reporter's)
+        reporter.cancel()
+    reporter.done(ok=not reporter.cancelled or bool(summary.get("out")), **summary)
     return EXIT_OK

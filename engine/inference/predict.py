@@ -17,6 +17,10 @@ The same loop writes the optional per-class probabilities and per-pixel uncertai
 are then copied as cloud-optimised GeoTIFFs with overviews, the class raster optionally
 vectorised into a GeoPackage, and a QGIS style written beside it (``outputs``); every file is
 renamed into place only when all of them are complete.
+
+``devices``/``num_nodes`` > 1 predict in several processes (``distributed``: Lightning DDP, each
+process a band of rows into its own files, joined by rank 0 with a VRT), then the same tail
+(``finish_outputs``); one process, the default, never starts Lightning.
 """
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.windows import Window
 
 from engine.data.chips import blend_weights, normalise, tile_starts
@@ -60,14 +66,24 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                    simplify: float | None = None, batch_size: int = 8, overlap: int | None = None,
                    device: str = "auto", bands: list[int] | None = None, precision: str = "auto",
                    aoi: str | os.PathLike | None = None, aoi_layer: str | None = None,
-                   mask: str | os.PathLike | None = None, reporter: Reporter | None = None) -> dict:
+                   mask: str | os.PathLike | None = None, devices: int | str = 1, num_nodes: int = 1,
+                   strategy: str = "auto", reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
     check_output_options(polygons, min_area, simplify)
     style = style_path(out)
     check_outputs([*images, *([mask] if mask else [])], out=out, probabilities=probabilities, uncertainty=uncertainty, polygons=polygons,
                   style=style)
-    runner = load_runner(model, device, reporter, precision)
+    plan = None
+    if _asks_for_processes(devices, num_nodes, strategy):
+        try:
+            from engine.inference import distributed  # PyTorch and Lightning: only here
+        except ImportError as exc:
+            raise EngineError(f"prediction in several processes needs PyTorch and Lightning ({exc})",
+                              hint="install the engine's full environment, or predict with --devices 1") from None
+        plan = distributed.plan_processes(device, devices, num_nodes, strategy)
+    # Several processes: this runner serves the checks; each process loads its own (its device, its cores).
+    runner = load_runner(model, "cpu" if plan else device, reporter, precision)
     card = runner.card
     classes = card["classes"]
     size = int(card["chip_size"])
@@ -76,9 +92,11 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
         raise EngineError(f"--overlap {overlap} must be between 0 and half a tile ({size // 2})")
     stride = size - overlap
     inp = card["input"]
-    values = np.array([c["value"] for c in classes])
-    dtype, nodata = output_dtype(classes)
+    job = Job(model=str(model), classes=classes, values=np.array([c["value"] for c in classes]),
+              dtype_nodata=output_dtype(classes), size=size, overlap=overlap, batch_size=batch_size,
+              mean=inp["mean"], std=inp["std"])
     polygon_summary = None
+    processes = 1
     with RasterStack(images, bands or inp["bands"]) as stack, contextlib.ExitStack() as inputs:
         check_image(stack, card, reporter)
         stack.check_has_data()
@@ -88,72 +106,45 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             inputs.callback(region.close)
         H, W = grid.height, grid.width
         total_tiles = len(tile_starts(H, size, stride)) * len(tile_starts(W, size, stride))
-        K = len(classes)
-        profile = {"driver": "GTiff", "width": W, "height": H, "crs": grid.crs, "transform": grid.transform,
-                   "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
-                   "BIGTIFF": "IF_SAFER"}
-        done_tiles = run_tiles = 0
+        wanted = [name for name, path in (("out", out), ("probabilities", probabilities),
+                                          ("uncertainty", uncertainty)) if path]
+        if plan is not None:
+            # Every process predicts its rows into its own files in a hidden folder beside ``out``
+            # (removed on leaving, also on failure or cancel); rank 0 gets their mosaics (VRTs).
+            done = distributed.predict_distributed(plan, job, stack, region, wanted, Path(out), runner, precision,
+                                                   reporter, inputs)
+            if done is None:  # not rank 0: its part is written, rank 0 writes the outputs
+                return {}
+            runner, sources, run_tiles, processes = done.runner, done.sources, done.run_tiles, done.processes
         with contextlib.ExitStack() as outputs:
             # Every output goes to a temporary name, renamed onto its path only if all succeed. The
-            # rasters are streamed into scratch GeoTIFFs, then copied to their temporary names as
-            # cloud-optimised GeoTIFFs (overviews need the finished raster).
+            # rasters are streamed into scratch GeoTIFFs (or mosaicked from the processes' files),
+            # then copied to their temporary names as cloud-optimised GeoTIFFs (overviews need the
+            # finished raster).
             tmp = {name: outputs.enter_context(atomic_output(path)) for name, path in
                    (("out", out), ("probabilities", probabilities), ("uncertainty", uncertainty),
                     ("polygons", polygons), ("style", style)) if path}
-            scratch = {}
-            for name in ("out", "probabilities", "uncertainty"):
-                if name in tmp:
-                    scratch[name] = tmp[name].with_name(tmp[name].stem + ".stream.tif")
-                    outputs.callback(_unlink, scratch[name])
-            dst = rasterio.open(scratch["out"], "w", count=1, dtype=dtype, nodata=nodata, **profile)
-            pdst = rasterio.open(scratch["probabilities"], "w", count=K, dtype="uint8", nodata=PROBABILITY_NODATA,
-                                 **profile) if probabilities else None
-            udst = rasterio.open(scratch["uncertainty"], "w", count=1, dtype="uint8", nodata=UNCERTAINTY_NODATA,
-                                 **profile) if uncertainty else None
-            try:
-                dst.set_band_description(1, "class")
-                dst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), GEOPEFT_MODEL=str(model))
-                if dtype in ("uint8", "uint16"):
-                    dst.write_colormap(1, colormap(classes))
-                if pdst:
-                    for k, c in enumerate(classes):
-                        pdst.set_band_description(k + 1, f"P({c['name']}) %")
-                    pdst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), scale="percent")
-                if udst:
-                    udst.set_band_description(1, "uncertainty %")
-                    udst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), scale="percent",
-                                     measure="normalised entropy of the blended class probabilities")
-                with StripWriter(dst, pdst, udst, values, nodata) as writer:
+            if plan is None:
+                sources = {}
+                for name in wanted:
+                    sources[name] = tmp[name].with_name(tmp[name].stem + ".stream.tif")
+                    outputs.callback(_unlink, sources[name])
+                run_tiles = 0
+                done_tiles = 0
+                with open_outputs(sources, job, grid) as (dst, pdst, udst), \
+                        StripWriter(dst, pdst, udst, job.values, job.nodata) as writer:
                     for strip in predict_strips(stack, runner, inp["mean"], inp["std"], size, overlap,
                                                 batch_size, region, cancelled=lambda: reporter.cancelled):
                         writer.submit(strip)  # argmax, percentages and writes overlap the next strip's tiles
                         run_tiles += strip.run
                         done_tiles += strip.tiles
                         reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles, run=run_tiles)
-                if region is not None and run_tiles == 0:
-                    reporter.warning("no valid image pixel inside the area of interest / mask: every output "
-                                     "is nodata")
-            finally:
-                for ds in (dst, pdst, udst):
-                    if ds:
-                        ds.close()
-            for name, resampling in (("out", "NEAREST"), ("probabilities", "AVERAGE"), ("uncertainty", "AVERAGE")):
-                if name in scratch:
-                    if reporter.cancelled:
-                        raise _Cancelled
-                    to_cog(scratch[name], tmp[name], resampling)
-                    _unlink(scratch[name])
-            if polygons:
-                reporter.progress("polygons", 0, None, "vectorising the class raster")
-                try:
-                    polygon_summary = write_polygons(tmp["out"], tmp["polygons"], classes, min_area, simplify,
-                                                     cancelled=lambda: reporter.cancelled)
-                except _PolygonsCancelled:
-                    raise _Cancelled from None
-                if reporter.cancelled:
-                    raise _Cancelled
-            write_style(tmp["style"], classes)
+            if region is not None and run_tiles == 0:
+                reporter.warning("no valid image pixel inside the area of interest / mask: every output "
+                                 "is nodata")
+            polygon_summary = finish_outputs(sources, tmp, classes, polygons, min_area, simplify, reporter)
     seconds = time.monotonic() - started
+    nodata = job.nodata
     reporter.artifact("raster", str(out), classes=classes, nodata=nodata)
     if probabilities:
         reporter.artifact("probabilities", str(probabilities), classes=classes, nodata=PROBABILITY_NODATA)
@@ -169,7 +160,96 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             "polygon_count": polygon_summary["polygons"] if polygon_summary else None,
             "tiles": total_tiles, "tiles_run": run_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
             "precision": "bf16" if getattr(runner, "bf16", False) else (getattr(runner, "quantize", None) or "fp32"),
-            "device": str(runner.device), "classes": classes}
+            "device": str(runner.device), "processes": processes, "classes": classes}
+
+
+@dataclass
+class Job:
+    """What every process of a prediction needs besides the raster: the model's classes and
+    output types, its tile size, overlap, batch size and normalisation."""
+
+    model: str
+    classes: list[dict]
+    values: np.ndarray
+    dtype_nodata: tuple[str, int]
+    size: int
+    overlap: int
+    batch_size: int
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def dtype(self) -> str:
+        return self.dtype_nodata[0]
+
+    @property
+    def nodata(self) -> int:
+        return self.dtype_nodata[1]
+
+
+@contextlib.contextmanager
+def open_outputs(paths: dict, job: Job, grid, rows: tuple[int, int] | None = None):
+    """Open the streamed GeoTIFFs ``paths`` (keys ``out``, ``probabilities``, ``uncertainty``)
+    for writing, with their nodata, band descriptions, tags and colour table; yields
+    (class, probabilities, uncertainty) datasets, None for those not asked for. ``rows`` =
+    (first, end): files holding only those raster rows (a process's part), else the whole grid."""
+    first, end = rows or (0, grid.height)
+    profile = {"driver": "GTiff", "width": grid.width, "height": end - first, "crs": grid.crs,
+               "transform": grid.transform @ Affine.translation(0, first),
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+    classes = job.classes
+    with contextlib.ExitStack() as opened:
+        def create(name, **kw):
+            return opened.enter_context(rasterio.open(paths[name], "w", **kw, **profile)) if name in paths else None
+
+        dst = create("out", count=1, dtype=job.dtype, nodata=job.nodata)
+        pdst = create("probabilities", count=len(classes), dtype="uint8", nodata=PROBABILITY_NODATA)
+        udst = create("uncertainty", count=1, dtype="uint8", nodata=UNCERTAINTY_NODATA)
+        dst.set_band_description(1, "class")
+        dst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), GEOPEFT_MODEL=job.model)
+        if job.dtype in ("uint8", "uint16"):
+            dst.write_colormap(1, colormap(classes))
+        if pdst:
+            for k, c in enumerate(classes):
+                pdst.set_band_description(k + 1, f"P({c['name']}) %")
+            pdst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), scale="percent")
+        if udst:
+            udst.set_band_description(1, "uncertainty %")
+            udst.update_tags(GEOPEFT_CLASSES=json.dumps(classes), scale="percent",
+                             measure="normalised entropy of the blended class probabilities")
+        yield dst, pdst, udst
+
+
+def finish_outputs(sources: dict, tmp: dict, classes: list[dict], polygons, min_area, simplify,
+                   reporter: Reporter) -> dict | None:
+    """The finished rasters ``sources`` (streamed GeoTIFFs or mosaics) → cloud-optimised GeoTIFFs
+    at their temporary names ``tmp``, then the polygons and the style. Returns the polygons'
+    summary (None without polygons). Raises ``_Cancelled`` when the reporter is cancelled."""
+    for name, resampling in (("out", "NEAREST"), ("probabilities", "AVERAGE"), ("uncertainty", "AVERAGE")):
+        if name in sources:
+            if reporter.cancelled:
+                raise _Cancelled
+            to_cog(sources[name], tmp[name], resampling)
+            _unlink(sources[name])
+    polygon_summary = None
+    if polygons:
+        reporter.progress("polygons", 0, None, "vectorising the class raster")
+        try:
+            polygon_summary = write_polygons(tmp["out"], tmp["polygons"], classes, min_area, simplify,
+                                             cancelled=lambda: reporter.cancelled)
+        except _PolygonsCancelled:
+            raise _Cancelled from None
+        if reporter.cancelled:
+            raise _Cancelled
+    write_style(tmp["style"], classes)
+    return polygon_summary
+
+
+def _asks_for_processes(devices, num_nodes, strategy) -> bool:
+    """Whether ``devices``/``num_nodes`` (and a strategy) ask for anything but today's single
+    process; bad values go to ``plan_processes``, which says what is wrong."""
+    return str(devices).strip() not in ("1", "") or str(num_nodes).strip() != "1" or \
+        str(strategy).strip().lower() not in ("auto", "ddp")
 
 
 @dataclass
@@ -254,15 +334,16 @@ class StripWriter:
     """Writes strips (class, probabilities, uncertainty) on a writer thread, one strip behind
     the model; an error in a write is raised at the next ``submit`` or on leaving."""
 
-    def __init__(self, dst, pdst, udst, values: np.ndarray, nodata):
+    def __init__(self, dst, pdst, udst, values: np.ndarray, nodata, row0: int = 0):
         self.dst, self.pdst, self.udst = dst, pdst, udst
         self.values, self.nodata = values, nodata
+        self.row0 = row0  # the raster row the datasets' first row is (a process's part of the raster)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="geopeft-writer")
         self._pending = None
 
     def _write(self, strip: Strip) -> None:
         p, ok = strip.probabilities, strip.valid
-        window = Window(0, strip.row, ok.shape[1], ok.shape[0])
+        window = Window(0, strip.row - self.row0, ok.shape[1], ok.shape[0])
         labels = self.values[p.argmax(0)].astype(self.dst.dtypes[0])
         labels[~ok] = self.nodata
         self.dst.write(labels, 1, window=window)
@@ -312,6 +393,9 @@ def predict(model, images, out, **kwargs) -> dict:
     (pixels), ``device``, ``bands``, ``precision``, ``aoi`` (``minx,miny,maxx,maxy`` in the image's
     CRS, ``…@EPSG:code`` in another, or a polygon vector file) with ``aoi_layer``, ``mask`` (a
     raster on the image's grid, non-zero = predict), ``reporter``.
+    ``devices`` × ``num_nodes`` > 1 (``strategy`` auto or ddp) predicts in that many processes
+    with Lightning DDP (``engine.inference.distributed``): Lightning starts the other processes by
+    running the calling command again, so call it from a script or ``python -m engine``.
     A cancel through the reporter stops cleanly and leaves no output behind."""
     try:
         return _run_prediction(model, images, out, **kwargs)
