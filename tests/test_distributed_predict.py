@@ -3,6 +3,8 @@ of rows into their own files, rank 0 mosaics them (VRT) and writes the usual out
 the CLI, as the plugin runs it: Lightning starts the second process by running the command again."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
@@ -105,3 +107,42 @@ def test_mosaic_keeps_each_part_rows(tmp_path):
     with rasterio.open(tmp_path / "m.vrt") as vrt:
         assert (vrt.crs, vrt.transform, vrt.nodata, vrt.tags()["GEOPEFT_CLASSES"]) == (src.crs, transform, 255, "[]")
         np.testing.assert_array_equal(vrt.read(1), full)
+
+
+def test_cancel_stops_every_process_and_leaves_nothing(tiny_model, tmp_path):
+    """SIGTERM to rank 0 (what the plugin sends) mid-prediction: done(cancelled), exit 0, the other
+    process ends too, and neither outputs nor the processes' folder remain."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from engine.data.demo import make_demo_scene
+    from tests.conftest import ENGINE_ENV, REPO
+
+    scene = make_demo_scene(tmp_path / "scene", size=512, seed=3)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "engine", "predict", "--model", str(tiny_model), "--image", str(scene.image),
+           "--out", str(out / "classes.tif"), "--probabilities", str(out / "p.tif"), "--device", "cpu",
+           "--devices", "2", "--events", "jsonl"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENGINE_ENV)
+    events = []
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["event"] == "progress" and events[-1]["stage"] == "predict":
+            proc.send_signal(signal.SIGTERM)
+            break
+    events += [json.loads(line) for line in proc.stdout]
+    rc = proc.wait(timeout=120)
+    stderr = proc.stderr.read()
+    assert rc == 0 and events[-1]["event"] == "done" and events[-1]["cancelled"] is True, stderr[-2000:]
+    assert not out.exists() or not any(out.iterdir())  # no output, no partial file, no hidden folder
+    still = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).count(str(out / "classes.tif"))]
+    assert not still  # the second process has ended as well
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
