@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.labels import load_labels, make_classes, scan_cache
-from engine.data.rasters import Grid, atomic_output, open_raster
+from engine.data.labels import LABEL_BLOCK, load_labels, make_classes
+from engine.data.rasters import Grid, atomic_output, block_cache, open_raster
 from engine.metrics import confusion, format_table, scores
 from engine.protocol import Reporter
 
@@ -29,7 +29,8 @@ def evaluate(prediction: str | os.PathLike, labels: str | os.PathLike, out: str 
              label_field: str | None = None, ignore_index: int | None = None,
              reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
-    with open_raster(prediction, "prediction") as ds, scan_cache(ds.width, np.dtype(ds.dtypes[0]).itemsize):
+    with open_raster(prediction, "prediction") as ds, \
+            block_cache(ds.width, 4 * LABEL_BLOCK, np.dtype(ds.dtypes[0]).itemsize):
         grid = Grid.of(ds)
         nodata = ds.nodata
         tagged = ds.tags().get("GEOPEFT_CLASSES")

@@ -266,6 +266,7 @@ def normalise(data: np.ndarray, valid: np.ndarray, mean, std) -> np.ndarray:
     """(x − mean) / std per band, float32; invalid pixels become 0 (the training mean)."""
     mean = np.asarray(mean, np.float32)[:, None, None]
     std = np.asarray(std, np.float32)[:, None, None]
-    out = (data - mean) / std
+    out = np.subtract(data, mean, dtype=np.float32)  # one new array, divided in place: a strip's
+    out /= std                                        # memory once more, not three times
     out[:, ~valid] = 0.0
-    return out.astype(np.float32, copy=False)
+    return out

@@ -27,7 +27,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
-from engine.data.rasters import Grid, open_raster
+from engine.data.rasters import Grid, block_cache, open_raster
 from engine.protocol import EngineError
 
 NO_LABEL = -1
@@ -200,7 +200,7 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
             except EngineError:
                 classes = None
         if Grid.of(ds).same_as(grid):
-            with scan_cache(grid.width, np.dtype(ds.dtypes[0]).itemsize):
+            with block_cache(grid.width, 4 * LABEL_BLOCK, np.dtype(ds.dtypes[0]).itemsize):
                 found, present = _scan_label_raster(ds, Window(0, 0, grid.width, grid.height), nodata,
                                                     ignore_value)
         else:
@@ -215,7 +215,7 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
             # Nearest neighbour: class numbers must not be averaged. The alpha band marks the
             # pixels the labels cover, so no class value (0 included) stands in for "outside".
             # Only the part of the image grid under the labels' bounds is scanned.
-            with scan_cache(grid.width, np.dtype(ds.dtypes[0]).itemsize), \
+            with block_cache(grid.width, 4 * LABEL_BLOCK, np.dtype(ds.dtypes[0]).itemsize), \
                     WarpedVRT(ds, crs=grid.crs, transform=grid.transform, width=grid.width,
                               height=grid.height, resampling=Resampling.nearest, add_alpha=True) as vrt:
                 region = _pixel_region((left, bottom, right, top), grid)
@@ -229,13 +229,6 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
             index[(values == v) & valid] = i
         windows.append(LabelWindow(row, col, index))
     return LabelMask(windows, cls, grid.height, grid.width)
-
-
-def scan_cache(width: int, itemsize: int):
-    """A ``rasterio.Env`` whose GDAL block cache holds a few strips of LABEL_BLOCK rows of a
-    raster ``width`` pixels wide (at least 64 MiB). GDAL's default, 5 % of the machine's memory,
-    keeps every block a scene-wide scan reads, so memory would grow with the raster."""
-    return rasterio.Env(GDAL_CACHEMAX=max(64 * 2 ** 20, 4 * LABEL_BLOCK * width * itemsize))
 
 
 def _pixel_region(bounds, grid: Grid) -> Window:

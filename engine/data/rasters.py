@@ -188,6 +188,11 @@ class RasterStack:
         return data, valid
 
     @property
+    def pixel_bytes(self) -> int:
+        """Bytes of one pixel of the selected bands as stored in the files."""
+        return sum(np.dtype(self._datasets[i].dtypes[b - 1]).itemsize for i, b in self._sources)
+
+    @property
     def all_band_names(self) -> list[str]:
         """Descriptions of every band of the files, selected or not, in stack order."""
         return [(d or "").strip() for ds in self._datasets for d in ds.descriptions]
@@ -238,18 +243,13 @@ def _has_dataset_mask(flags) -> bool:
     return not (MaskFlags.all_valid in flags or MaskFlags.nodata in flags)
 
 
-BLOCK = 512  # GDAL's tiled GeoTIFF blocks are at most this tall in practice (ours are 256)
-
-
-def strip_block_cache(stack: RasterStack, rows: int, output_bytes_per_pixel: int = 0):
-    """A ``rasterio.Env`` whose GDAL block cache holds what streaming strips of ``rows`` rows over
-    the whole width needs (the input blocks two strips share, the output blocks being written),
-    not more. GDAL's default, 5 % of the machine's memory, fills with every block a scene-wide
-    pass reads and is never given back: RSS would grow with the raster instead of staying flat."""
-    itemsize = sum(np.dtype(ds.dtypes[b - 1]).itemsize for ds, b in
-                   ((stack._datasets[i], b) for i, b in stack._sources))
-    strip = (rows + 2 * BLOCK) * stack.grid.width * (itemsize + output_bytes_per_pixel)
-    return rasterio.Env(GDAL_CACHEMAX=int(min(max(2 * strip, 64 * 2**20), 1024 * 2**20)))
+def block_cache(width: int, rows: int, bytes_per_pixel: int):
+    """A ``rasterio.Env`` whose GDAL block cache holds ``rows`` full-width rows of a pass over a
+    raster ``width`` pixels wide (32 MiB to 1 GiB): the blocks a strip shares with the next one,
+    and the output blocks being filled (a block evicted half-written is written twice, and a
+    compressed GeoTIFF grows with each rewrite). GDAL's default, 5 % of the machine's memory,
+    keeps every block a scene-wide pass reads: memory would grow with the raster."""
+    return rasterio.Env(GDAL_CACHEMAX=int(min(max(rows * width * bytes_per_pixel, 32 * 2**20), 2**30)))
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from engine.data.chips import blend_weights, normalise, tile_starts
-from engine.data.rasters import RasterStack, atomic_output, colormap
+from engine.data.rasters import RasterStack, atomic_output, block_cache, colormap
 from engine.inference.aoi import load_region
 from engine.inference.checks import check_image, check_outputs
 from engine.inference.outputs import (POLYGON_LAYER, UNCERTAINTY_NODATA, _PolygonsCancelled, check_output_options,
@@ -98,6 +98,10 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
     polygon_summary = None
     processes = 1
     with RasterStack(images, bands or inp["bands"]) as stack, contextlib.ExitStack() as inputs:
+        # GDAL's block cache sized for strips: flat memory however large the raster
+        # (a strip touches at most two 256-row blocks besides its own rows)
+        inputs.enter_context(block_cache(stack.grid.width, size + 512, stack.pixel_bytes + np.dtype(
+            job.dtype_nodata[0]).itemsize + (len(classes) if probabilities else 0) + (1 if uncertainty else 0)))
         check_image(stack, card, reporter)
         stack.check_has_data()
         grid = stack.grid
@@ -160,7 +164,8 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             "polygon_count": polygon_summary["polygons"] if polygon_summary else None,
             "tiles": total_tiles, "tiles_run": run_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
             "precision": "bf16" if getattr(runner, "bf16", False) else (getattr(runner, "quantize", None) or "fp32"),
-            "device": str(runner.device), "processes": processes, "classes": classes}
+            "device": str(runner.device), "provider": getattr(runner, "provider", None), "processes": processes,
+            "classes": classes}
 
 
 @dataclass
