@@ -39,8 +39,11 @@ test: install
 test-all: install
 	$(PY) -m pytest -m ''
 
+# TerraTorch runs side by side from a throwaway venv outside the checkout (made on first use, a
+# few minutes); `make bench TERRATORCH=` skips it.
+TERRATORCH ?= ../ttvenv
 bench: install
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(if $(TERRATORCH),--terratorch $(TERRATORCH))
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo

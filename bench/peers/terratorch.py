@@ -6,7 +6,8 @@ dependencies plus the ones its model factory and ``tiled_inference`` import, on 
 torch/numpy pins (``constraints.txt``). ``tiled(DIR, size)`` runs TerraTorch's
 ``tiled_inference`` over a random raster of ``size``² in that venv, with the benchmark's model
 (Prithvi-EO-2.0-100M, LoRA r 16 on q/v/fc1/fc2, UNet decoder, 224² crops, stride 192,
-batch 16, fp32) and returns its wall time and peak RSS.
+batch 16, fp32; TerraTorch registers the 100M model only as its TL variant, the same network
+when no coordinates are given) and returns its wall time and peak RSS.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ torch.manual_seed(0)
 from terratorch.models import EncoderDecoderFactory
 from terratorch.tasks.tiled_inference import tiled_inference
 model = EncoderDecoderFactory().build_model(
-    task="segmentation", backbone="prithvi_eo_v2_100", backbone_pretrained=False,
+    task="segmentation", backbone="prithvi_eo_v2_100_tl", backbone_pretrained=False,
     backbone_bands=["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"], backbone_num_frames=1,
     necks=[{"name": "SelectIndices", "indices": [2, 5, 8, 11]}, {"name": "ReshapeTokensToImage"},
            {"name": "LearnedInterpolateToPyramidal"}],
