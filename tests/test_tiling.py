@@ -107,16 +107,21 @@ def read(path):
         return ds.read()
 
 
-@pytest.mark.parametrize("bands, height, width, batch_size, overlap", [
-    (1, 157, 203, 8, 12),     # odd sizes, one band
-    (13, 100, 131, 3, 12),    # 13 bands, batch not dividing the tiles of a row
-    (6, 96, 96, 1, 0),        # no overlap, one tile at a time
-    (4, 30, 70, 16, 12),      # smaller than a tile in one direction
+@pytest.mark.parametrize("bands, height, width, batch_size, overlap, panel", [
+    (1, 157, 203, 8, 12, None),     # odd sizes, one band
+    (13, 100, 131, 3, 12, None),    # 13 bands, batch not dividing the tiles of a row
+    (6, 96, 96, 1, 0, None),        # no overlap, one tile at a time
+    (4, 30, 70, 16, 12, None),      # smaller than a tile in one direction
+    (3, 77, 301, 4, 12, 64),        # a wide raster in panels of 64 columns (the last one wider)
+    (2, 60, 260, 5, 0, 64),         # panels without overlap
 ])
 def test_streamed_prediction_equals_a_whole_image_blend(monkeypatch, tmp_path, bands, height, width, batch_size,
-                                                        overlap):
+                                                        overlap, panel):
     runner = PlacedRunner(bands)
     monkeypatch.setattr(predict_module, "load_runner", lambda *a, **k: runner)
+    if panel:
+        monkeypatch.setattr(predict_module, "PANEL", panel)
+        assert len(predict_module.panels(width, 48)) > 2
     image = write_raster(tmp_path / "image.tif", random_image(bands, height, width))
     out, probs = tmp_path / "out.tif", tmp_path / "p.tif"
     predict("stub", [image], out, probabilities=probs, batch_size=batch_size, overlap=overlap)
@@ -165,6 +170,11 @@ def test_any_batch_size_and_any_split_into_row_ranges_give_the_same_pixels(tmp_p
         parts = [strips(8, (a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
         assert [p[1][0] for p in parts] == cuts[:-1]
         assert np.array_equal(np.concatenate([p[0] for p in parts], 1), whole)
+    for cuts in ([0, 50, 120], [0, 1, 49, 120]):  # and columns (panels), at any column
+        with RasterStack([image], inp["bands"]) as stack:
+            parts = [np.concatenate([s.probabilities for s in predict_strips(
+                stack, runner, inp["mean"], inp["std"], 48, 12, 8, cols=(a, b))], 1) for a, b in zip(cuts[:-1], cuts[1:])]
+        assert np.array_equal(np.concatenate(parts, 2), whole)
 
 
 def test_a_real_model_matches_the_whole_image_blend_inside(tiny_model, small_scene, tmp_path):

@@ -262,11 +262,12 @@ def _blocks_of(window: Window, size: int = 1024) -> list[Window]:
             for i in range(0, h, size) for j in range(0, w, size)]
 
 
-def normalise(data: np.ndarray, valid: np.ndarray, mean, std) -> np.ndarray:
-    """(x − mean) / std per band, float32; invalid pixels become 0 (the training mean)."""
+def normalise(data: np.ndarray, valid: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.ndarray:
+    """(x − mean) / std per band, float32; invalid pixels become 0 (the training mean). ``out``
+    (e.g. ``data`` itself, float32) receives the result instead of a new array."""
     mean = np.asarray(mean, np.float32)[:, None, None]
     std = np.asarray(std, np.float32)[:, None, None]
-    out = np.subtract(data, mean, dtype=np.float32)  # one new array, divided in place: a strip's
-    out /= std                                        # memory once more, not three times
+    out = np.subtract(data, mean, out=out, dtype=np.float32)  # divided in place: no temporaries
+    out /= std
     out[:, ~valid] = 0.0
     return out

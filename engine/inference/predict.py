@@ -48,6 +48,7 @@ from engine.inference.runners import load_runner
 from engine.protocol import EngineError, Reporter
 
 PROBABILITY_NODATA = 255
+PANEL = 4096  # the widest strip predicted at once (pixels, whole blocks): flat memory on any width
 
 
 def output_dtype(classes: list[dict]) -> tuple[str, int]:
@@ -100,7 +101,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
     with RasterStack(images, bands or inp["bands"]) as stack, contextlib.ExitStack() as inputs:
         # GDAL's block cache sized for strips: flat memory however large the raster
         # (a strip touches at most two 256-row blocks besides its own rows)
-        inputs.enter_context(block_cache(stack.grid.width, size + 512, stack.pixel_bytes + np.dtype(
+        inputs.enter_context(block_cache(min(stack.grid.width, PANEL + size), size + 512, stack.pixel_bytes + np.dtype(
             job.dtype_nodata[0]).itemsize + (len(classes) if probabilities else 0) + (1 if uncertainty else 0)))
         check_image(stack, card, reporter)
         stack.check_has_data()
@@ -137,12 +138,14 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                 done_tiles = 0
                 with open_outputs(sources, job, grid) as (dst, pdst, udst), \
                         StripWriter(dst, pdst, udst, job.values, job.nodata) as writer:
-                    for strip in predict_strips(stack, runner, inp["mean"], inp["std"], size, overlap,
-                                                batch_size, region, cancelled=lambda: reporter.cancelled):
-                        writer.submit(strip)  # argmax, percentages and writes overlap the next strip's tiles
-                        run_tiles += strip.run
-                        done_tiles += strip.tiles
-                        reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles, run=run_tiles)
+                    for panel in panels(W, size):
+                        for strip in predict_strips(stack, runner, inp["mean"], inp["std"], size, overlap,
+                                                    batch_size, region, cols=panel,
+                                                    cancelled=lambda: reporter.cancelled):
+                            writer.submit(strip)  # argmax, percentages and writes overlap the next tiles
+                            run_tiles += strip.run
+                            done_tiles += strip.tiles
+                            reporter.progress("predict", done_tiles, total_tiles, tiles=done_tiles, run=run_tiles)
             if region is not None and run_tiles == 0:
                 reporter.warning("no valid image pixel inside the area of interest / mask: every output "
                                  "is nodata")
@@ -259,32 +262,54 @@ def _asks_for_processes(devices, num_nodes, strategy) -> bool:
 
 @dataclass
 class Strip:
-    """Finished output rows [row, row + n): blended probabilities [K, n, W] and the pixels that
-    get a prediction [n, W]; ``tiles`` tiles of the grid belong to it, ``run`` of them ran."""
+    """Finished output rows [row, row + n) of columns [col, col + w): blended probabilities
+    [K, n, w] and the pixels that get a prediction [n, w]; ``tiles`` tiles of the grid belong to
+    it, ``run`` tiles ran for it."""
 
     row: int
     probabilities: np.ndarray
     valid: np.ndarray
     tiles: int
     run: int
+    col: int = 0  # the first output column (a panel's)
+
+
+def panels(width: int, size: int, panel: int | None = None) -> list[tuple[int, int]]:
+    """Column ranges [first, end) that cut a raster wider than ``panel`` (default ``PANEL``) + a
+    tile into panels of ``panel`` columns (whole 256-px blocks: no output block is written from
+    two panels)."""
+    panel = panel or PANEL
+    if width <= panel + size:
+        return [(0, width)]
+    cuts = list(range(0, width, panel))
+    if width - cuts[-1] < size:  # no sliver narrower than a tile at the end
+        cuts.pop()
+    return list(zip(cuts, cuts[1:] + [width]))
 
 
 def predict_strips(stack: RasterStack, runner, mean, std, size: int, overlap: int, batch_size: int,
-                   region=None, rows: tuple[int, int] | None = None,
+                   region=None, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
                    cancelled: Callable[[], bool] = lambda: False) -> Iterator[Strip]:
     """Predict a raster one row of tiles at a time, yielding each strip of finished output rows.
 
-    ``rows`` = (first, end) limits the output to those raster rows: only the rows of tiles that
-    touch them run, with exactly the tiles, weights and order of a whole-raster run, so ranges
-    that split a raster give the same pixels as one run. A reader thread reads and normalises
-    the next strip (GDAL and numpy release the GIL) while the model runs on this one.
-    Raises ``_Cancelled`` when ``cancelled()`` turns true (checked before every batch)."""
+    ``rows`` = (first, end) and ``cols`` = (first, end) limit the output to those raster rows and
+    columns: only the tiles that touch them run, with exactly the tiles, weights and order of a
+    whole-raster run, so ranges that split a raster give the same pixels as one run (processes
+    split rows, ``panels`` split columns so memory does not grow with the raster's width). A
+    reader thread reads and normalises the next strip (GDAL and numpy release the GIL) while the
+    model runs on this one. Raises ``_Cancelled`` when ``cancelled()`` turns true (checked before
+    every batch)."""
     grid = stack.grid
     H, W = grid.height, grid.width
     first, end = rows or (0, H)
+    left, right = cols or (0, W)
+    right = min(right, W)
     stride = size - overlap
-    width = max(W, size)
-    cols = tile_starts(W, size, stride)
+    all_cols = tile_starts(W, size, stride)
+    cols_run = [c for c in all_cols if c < right and c + size > left]  # tiles touching the columns
+    owned = sum(left <= c < right for c in all_cols)  # tiles counted here (each once over panels)
+    x0 = cols_run[0]
+    width = max(cols_run[-1] + size - x0, size)
     all_rows = tile_starts(H, size, stride)
     # output row y is final once the last tile row starting at or before it has run
     finals = [(r, all_rows[i + 1] if i + 1 < len(all_rows) else H) for i, r in enumerate(all_rows)]
@@ -293,14 +318,15 @@ def predict_strips(stack: RasterStack, runner, mean, std, size: int, overlap: in
     K = len(runner.card["classes"])
     acc = np.zeros((K, size, width), np.float32)
     wsum = np.zeros((size, width), np.float32)
+    a0, a1 = left - x0, right - x0  # the output columns in the strip
 
     def read(r: int):
-        strip = Window(0, r, width, size)
+        strip = Window(x0, r, width, size)
         inside = region.inside(strip) if region is not None else None
         if inside is not None and not inside.any():  # nothing to predict: not even read
             return None, inside
         data, valid = stack.read(strip)
-        x = normalise(data, valid, mean, std)  # the model sees the image around the region too
+        x = normalise(data, valid, mean, std, out=data)  # the model sees the image around the region too
         return x, valid if inside is None else valid & inside
 
     with ThreadPoolExecutor(1, thread_name_prefix="geopeft-reader") as reader:
@@ -319,7 +345,7 @@ def predict_strips(stack: RasterStack, runner, mean, std, size: int, overlap: in
                 wsum[:size - shift] = wsum[shift:]
                 wsum[size - shift:] = 0
                 base = r
-            todo = [c for c in cols if valid[:, c:c + size].any()]  # skip tiles with nothing to predict
+            todo = [c - x0 for c in cols_run if valid[:, c - x0:c - x0 + size].any()]  # skip empty tiles
             for b in range(0, len(todo), batch_size):
                 if cancelled():
                     raise _Cancelled
@@ -331,8 +357,8 @@ def predict_strips(stack: RasterStack, runner, mean, std, size: int, overlap: in
             top, bottom = max(r, first), min(final, end, H)
             if bottom > top:
                 a, b = top - r, bottom - r
-                yield Strip(top, acc[:, a:b, :W] / np.maximum(wsum[a:b, :W], 1e-12),
-                            valid[a:b, :W] & (wsum[a:b, :W] > 0), len(cols), len(todo))
+                yield Strip(top, acc[:, a:b, a0:a1] / np.maximum(wsum[a:b, a0:a1], 1e-12),
+                            valid[a:b, a0:a1] & (wsum[a:b, a0:a1] > 0), owned, len(todo), left)
 
 
 class StripWriter:
@@ -348,7 +374,7 @@ class StripWriter:
 
     def _write(self, strip: Strip) -> None:
         p, ok = strip.probabilities, strip.valid
-        window = Window(0, strip.row - self.row0, ok.shape[1], ok.shape[0])
+        window = Window(strip.col, strip.row - self.row0, ok.shape[1], ok.shape[0])
         labels = self.values[p.argmax(0)].astype(self.dst.dtypes[0])
         labels[~ok] = self.nodata
         self.dst.write(labels, 1, window=window)
