@@ -1,39 +1,117 @@
-"""Layers -> files the engine can read."""
+"""Layers -> files the engine can read.
+
+A layer the engine cannot read as it is (a memory or database layer, a subset, one layer of a
+multi-layer file) is copied to a temporary GeoPackage. Copying iterates every feature and
+writes a file: never on the UI thread. Dialogs take a :class:`LayerCopy` on the UI thread
+(cheap: a thread-safe feature source) and ``write`` it in their task; Processing algorithms
+call :func:`layer_path` in ``processAlgorithm`` (Processing's worker thread). Either way the
+temporary folder is removed when the run ends.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 
-from qgis.core import QgsCoordinateTransformContext, QgsMapLayer, QgsVectorFileWriter
+from qgis.core import (
+    QgsCoordinateTransformContext,
+    QgsMapLayer,
+    QgsRasterLayer,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+    QgsVectorLayerFeatureSource,
+)
+
+TEMP_PREFIX = "geopeft-layer-"
 
 
 class LayerError(Exception):
     pass
 
 
-def layer_path(layer: QgsMapLayer | None, log=None) -> str | None:
+def needs_copy(layer: QgsMapLayer | None) -> bool:
+    """Whether the engine needs a copy of ``layer`` (a vector layer that is not one plain file)."""
+    if layer is None or isinstance(layer, QgsRasterLayer):
+        return False
+    path = layer.source().split("|")[0]
+    return not (layer.providerType() == "ogr" and os.path.isfile(path)
+                and not layer.subsetString() and _single_layer(path))
+
+
+def layer_path(layer: QgsMapLayer | None, log=None, temp_dirs: list | None = None) -> str | None:
     """A file the engine can read for ``layer``: its own file, or a temporary GeoPackage copy
-    (memory/database layers, subsets, one layer of a multi-layer GeoPackage)."""
+    (memory/database layers, subsets, one layer of a multi-layer GeoPackage) whose folder is
+    appended to ``temp_dirs`` (the caller removes it). Copies on the calling thread: call it
+    from a worker thread (Processing), never from a dialog's slot."""
     if layer is None:
         return None
-    if layer.type() == QgsMapLayer.RasterLayer:
+    if isinstance(layer, QgsRasterLayer):
         return layer.source() if os.path.exists(layer.source()) else None
-    parts = layer.source().split("|")
-    path = parts[0]
-    simple = (layer.providerType() == "ogr" and os.path.isfile(path) and not layer.subsetString()
-              and _single_layer(path))
-    if simple:
-        return path
-    out = os.path.join(tempfile.mkdtemp(prefix="geopeft-"), "labels.gpkg")
+    if not needs_copy(layer):
+        return layer.source().split("|")[0]
+    out = temp_copy_path()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if temp_dirs is not None:
+        temp_dirs.append(os.path.dirname(out))
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     error = QgsVectorFileWriter.writeAsVectorFormatV2(layer, out, QgsCoordinateTransformContext(),
                                                       options)
-    if error[0] != QgsVectorFileWriter.NoError:
+    if error[0] != QgsVectorFileWriter.WriterError.NoError:
         raise LayerError(f"Could not copy layer {layer.name()} for the engine: {error[1]}")
     if log is not None:
         log(f"Copied {layer.name()} to {out} for the engine")
     return out
+
+
+def temp_copy_path(name: str = "labels") -> str:
+    """A new path ``<temp>/geopeft-layer-<random>/<name>.gpkg``; nothing is created yet."""
+    return os.path.join(tempfile.gettempdir(), TEMP_PREFIX + uuid.uuid4().hex, name + ".gpkg")
+
+
+def remove_temp(path: str | None) -> None:
+    """Delete the folder of a ``temp_copy_path`` (only such a folder), if it exists."""
+    if path and os.path.basename(os.path.dirname(path)).startswith(TEMP_PREFIX):
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+class LayerCopy:
+    """A vector layer's features, taken on the UI thread (cheap), written to a GeoPackage on a
+    worker thread with :meth:`write` (the layer's subset and unsaved edits included)."""
+
+    def __init__(self, layer: QgsVectorLayer):
+        self.name = layer.name()
+        self.source = QgsVectorLayerFeatureSource(layer)
+        self.fields = layer.fields()
+        self.wkb_type = layer.wkbType()
+        self.crs = layer.crs()
+
+    def write(self, path: str, is_cancelled=lambda: False) -> int:
+        """Write the features to ``path`` (its folder is created); LayerError if impossible.
+        Returns how many were written. Worker thread only."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        options = QgsVectorFileWriter.SaveVectorOptions()
+        options.driverName = "GPKG"
+        options.fileEncoding = "UTF-8"
+        writer = QgsVectorFileWriter.create(path, self.fields, self.wkb_type, self.crs,
+                                            QgsCoordinateTransformContext(), options)
+        if writer.hasError() != QgsVectorFileWriter.WriterError.NoError:
+            message = writer.errorMessage()
+            del writer
+            raise LayerError(f"Could not copy layer {self.name} for the engine: {message}")
+        count = 0
+        try:
+            for feature in self.source.getFeatures():
+                if is_cancelled():
+                    break
+                if not writer.addFeature(feature):
+                    raise LayerError(f"Could not copy layer {self.name} for the engine: "
+                                     f"{writer.errorMessage()}")
+                count += 1
+        finally:
+            del writer  # closes the GeoPackage
+        return count
 
 
 def _single_layer(path: str) -> bool:

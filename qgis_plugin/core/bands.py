@@ -60,13 +60,14 @@ def cached_models_info(python: str | None) -> ModelsInfo | None:
         return _CACHE.get(str(python))
 
 
-def fetch_models_info(python: str | None) -> ModelsInfo:
+def fetch_models_info(python: str | None, **run_options) -> ModelsInfo:
     """``engine models`` (about a second: run it off the UI thread); cached per interpreter.
-    Raises ``EngineError`` when the engine cannot be run."""
+    Raises ``EngineError`` when the engine cannot be run. ``run_options``: ``run_engine``'s
+    ``log_dir`` and ``watchdog_s``."""
     cached = cached_models_info(python)
     if cached is not None:
         return cached
-    info = ModelsInfo.from_summary(run_engine(python, ["models"]).done)
+    info = ModelsInfo.from_summary(run_engine(python, ["models"], **run_options).done)
     with _LOCK:
         _CACHE[str(python)] = info
     return info

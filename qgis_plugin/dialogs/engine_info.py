@@ -20,12 +20,16 @@ class ModelsInfoTask(QgsTask):
         self.on_done = on_done
         self.info: ModelsInfo | None = None
         self.error = ""
+        self.run_options = {"log_dir": settings.engine_log_dir(),  # QgsSettings: UI thread
+                            "watchdog_s": settings.watchdog_seconds()}
 
     def run(self) -> bool:  # worker thread
         try:
-            self.info = fetch_models_info(self.python)
+            self.info = fetch_models_info(self.python, **self.run_options)
         except EngineError as exc:
             self.error = exc.message.split("\n")[0]
+        except Exception as exc:  # noqa: BLE001 - a worker thread must never raise into QGIS
+            self.error = f"the engine could not be asked: {exc}"
         return self.info is not None
 
     def finished(self, ok: bool) -> None:  # UI thread

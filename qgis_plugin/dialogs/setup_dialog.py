@@ -25,6 +25,8 @@ from ..core.setup_engine import SetupError, run_steps, setup_steps
 from ..icons import icon
 from .task import log
 
+_RUNNING: list = []  # Python wrappers of running check tasks must outlive the dialog's call
+
 
 class SetupTask(QgsTask):
     line = pyqtSignal(str)
@@ -54,11 +56,38 @@ class SetupTask(QgsTask):
         self.ended.emit(self)
 
 
+class VersionCheckTask(QgsTask):
+    """``engine_version`` (starts the engine's Python: a second or more) off the UI thread."""
+
+    ended = pyqtSignal(object)
+
+    def __init__(self, python: str):
+        super().__init__("GeoPEFT: checking the engine", QgsTask.Flag.CanCancel)
+        self.python = python
+        self.version: str | None = None
+        self.error: str = ""
+
+    def run(self) -> bool:  # worker thread
+        try:
+            self.version = engine_version(self.python, is_cancelled=self.isCanceled)
+        except EngineError as exc:
+            self.error = exc.message.split("\n")[0]
+        except Exception as exc:  # noqa: BLE001 - shown, never raised into QGIS
+            self.error = f"The engine could not be checked: {exc}"
+        return self.version is not None
+
+    def finished(self, ok: bool) -> None:  # UI thread
+        self.ended.emit(self)
+
+
 class SetupDialog(QDialog):
     def __init__(self, iface=None, parent=None):
         super().__init__(parent)
         self.iface = iface
         self.task: SetupTask | None = None
+        self.check_task: VersionCheckTask | None = None  # the latest engine check, while it runs
+        self.engine_ok: bool | None = None  # the latest check's answer (None: not known yet)
+        self._save_when_checked = False
         self.setWindowTitle("GeoPEFT — Engine set-up")
         self.setWindowIcon(icon("setup.svg"))
         self.bar = QgsMessageBar(self)
@@ -120,25 +149,52 @@ class SetupDialog(QDialog):
         self.resize(QSize(640, 520))
         self.refresh_state()
 
-    def refresh_state(self) -> bool:
+    def refresh_state(self, save: bool = False) -> VersionCheckTask:
+        """Check the interpreter in a task (it starts a Python): "Checking…" at once, the answer
+        when the task ends (``checked`` state, and with ``save`` the setting and a message).
+        A newer check supersedes a running one."""
+        if self.check_task is not None:
+            self.check_task.cancel()
         path = self.python.filePath().strip()
-        try:
-            version = engine_version(path)
-        except EngineError as exc:
-            self.state.setText(exc.message.split("\n")[0])
-            return False
-        self.state.setText(f"GeoPEFT engine {version} is installed.")
-        return True
+        self.engine_ok = None
+        self._save_when_checked = save
+        self.state.setText(f"Checking the engine Python {path}…" if path else "Checking…")
+        task = VersionCheckTask(path)
+        task.ended.connect(self._on_checked)
+        self.check_task = task
+        _RUNNING.append(task)
+        QgsApplication.taskManager().addTask(task)
+        return task
 
-    def check(self) -> bool:
-        ok = self.refresh_state()
+    def check(self) -> VersionCheckTask:
+        """"Check and save": the check runs in a task; the setting is saved if it succeeds."""
         self.bar.clearWidgets()
-        if ok:
-            settings.set_engine_python(self.python.filePath().strip())
-            self.bar.pushMessage("GeoPEFT", "Engine found; setting saved.", Qgis.Success, 5)
-        else:
-            self.bar.pushMessage("GeoPEFT", self.state.text(), Qgis.Warning, 0)
-        return ok
+        return self.refresh_state(save=True)
+
+    def _on_checked(self, task: VersionCheckTask) -> None:
+        if task in _RUNNING:
+            _RUNNING.remove(task)
+        if task is not self.check_task:  # superseded by a newer check
+            return
+        self.check_task = None
+        try:
+            ok = task.version is not None
+            self.engine_ok = ok
+            if ok:
+                self.state.setText(f"GeoPEFT engine {task.version} is installed.")
+            else:
+                self.state.setText(task.error or "The engine could not be checked.")
+            if self._save_when_checked:
+                self.bar.clearWidgets()
+                if ok:
+                    settings.set_engine_python(task.python)
+                    self.bar.pushMessage("GeoPEFT", "Engine found; setting saved.",
+                                         Qgis.MessageLevel.Success, 5)
+                else:
+                    self.bar.pushMessage("GeoPEFT", self.state.text(),
+                                         Qgis.MessageLevel.Warning, 0)
+        except RuntimeError:  # the dialog was closed and deleted meanwhile
+            pass
 
     def start_setup(self) -> SetupTask | None:
         if self.task is not None:

@@ -1,11 +1,13 @@
 """Run the Qt-free engine client in a QgsTask; report back to the UI through signals."""
 from __future__ import annotations
 
+import shutil
 import traceback
 
 from qgis.core import Qgis, QgsMessageLog, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
+from .. import settings
 from ..core.engine_client import EngineError, EngineResult, run_engine
 
 LOG_TAG = "GeoPEFT"
@@ -23,7 +25,10 @@ class EngineTask(QgsTask):
     worker thread before the engine starts (e.g. writing a layer's features to the file named in
     ``args``; an EngineError it raises is the task's error, a cancel during it skips the engine);
     ``cleanup()`` runs on the worker thread at the very end, whatever happened (e.g. deleting
-    that file). Signals arrive on the UI thread.
+    that file). Folders in ``temp_dirs`` (e.g. made by ``before``) are deleted at the end too,
+    whatever happened; both also when the task is cancelled before it ever ran. Signals arrive
+    on the UI thread. The engine's log goes to the profile's geopeft/logs (``log_path`` once it
+    started); an engine silent for ``settings.watchdog_seconds()`` is killed.
     """
 
     engineEvent = pyqtSignal(object)  # each protocol event (dict); not "event": QObject.event()
@@ -39,9 +44,21 @@ class EngineTask(QgsTask):
         self.after = after
         self.before = before
         self.cleanup = cleanup
+        self.temp_dirs: list[str] = []
         self.result: EngineResult | None = None
         self.after_result = None
         self.error: EngineError | None = None
+        self.log_dir = settings.engine_log_dir()  # read here: QgsSettings on the UI thread
+        self.watchdog_s = settings.watchdog_seconds()
+        self._ran = False
+        self._cleaned = False
+
+    @property
+    def log_path(self) -> str | None:
+        """The log file of the engine run (None before it started, or if none was written)."""
+        if self.result is not None:
+            return self.result.log_path
+        return self.error.log_path if self.error is not None else None
 
     @property
     def cancelled(self) -> bool:
@@ -55,14 +72,23 @@ class EngineTask(QgsTask):
         self.engineEvent.emit(event)
 
     def run(self) -> bool:  # worker thread
+        self._ran = True
         try:
             return self._run()
         finally:
-            if self.cleanup is not None:
-                try:
-                    self.cleanup()
-                except Exception as exc:  # noqa: BLE001 - a leftover temporary file, not a failure
-                    self.logLine.emit(f"Cleanup failed: {exc}")
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        if self.cleanup is not None:
+            try:
+                self.cleanup()
+            except Exception as exc:  # noqa: BLE001 - a leftover temporary file, not a failure
+                self.logLine.emit(f"Cleanup failed: {exc}")
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _run(self) -> bool:
         try:
@@ -71,7 +97,8 @@ class EngineTask(QgsTask):
                 if self.isCanceled():
                     return True
             self.result = run_engine(self.python, self.args, on_event=self._on_event,
-                                     is_cancelled=self.isCanceled, on_stderr=self.logLine.emit)
+                                     is_cancelled=self.isCanceled, on_stderr=self.logLine.emit,
+                                     log_dir=self.log_dir, watchdog_s=self.watchdog_s)
             if self.after is not None and not self.result.cancelled:
                 self.after_result = self.after(self.result, self)
             return True
@@ -82,6 +109,8 @@ class EngineTask(QgsTask):
         return False
 
     def finished(self, ok: bool) -> None:  # UI thread
+        if not self._ran:  # cancelled while queued: nothing big to remove, but remove it
+            self._clean_up()
         if self.error is None and not ok and not self.isCanceled():
             self.error = EngineError("The task failed.")
         self.ended.emit(self)

@@ -34,7 +34,8 @@ from ..core.commands import (BACKBONES, DECODER_LABELS, DECODERS, DEVICES, PATCH
 from ..core.rasterinfo import band_descriptions, grid_problems
 from ..icons import icon
 from ..labels import LabelsError, ignore_index, label_values, negative_values_warning, raster_label_classes
-from ..layers import LayerError, layer_path
+from ..core.engine_client import EngineError
+from ..layers import LayerCopy, LayerError, needs_copy, temp_copy_path
 from ..processing.base import ProgressMapper
 from ..styling import classes_from_vector_layer
 from .band_table import Band, BandTable
@@ -52,6 +53,7 @@ WEIGHTS_CHOICES = (("auto", "Pretrained (downloaded automatically)"),
                    ("file", "From file…"))
 DEVICE_LABELS = {"auto": "Automatic (GPU if available)", "cpu": "CPU", "gpu": "GPU"}
 LAYER_ID = Qt.ItemDataRole.UserRole
+LABELS_COPY = "<a copy of '{}', written when training starts>"
 INT_RANGE = (-2_147_483_648, 2_147_483_647)
 
 
@@ -406,8 +408,22 @@ class TrainDialog(QDialog):
         return self.class_table.classes()
 
     # -- config, validation, command -----------------------------------------------------------
-    def config(self) -> TrainConfig:
-        """The dialog's state as a TrainConfig (vector labels exported to a file if needed)."""
+    def labels_arg(self, labels_file: str | None = None) -> str:
+        """--labels: the labels layer's file; for a layer the engine cannot read as it is
+        (memory, database, subset, one layer of several), ``labels_file``, where the task
+        writes a copy (see ``start``), or a placeholder naming the copy until then. Cheap: no
+        copy is made here, on the UI thread."""
+        layer = self.labels.currentLayer()
+        if layer is None:
+            return ""
+        if isinstance(layer, QgsRasterLayer):
+            return layer.source()
+        if needs_copy(layer):
+            return labels_file or LABELS_COPY.format(layer.name())
+        return layer.source().split("|")[0]
+
+    def config(self, labels_file: str | None = None) -> TrainConfig:
+        """The dialog's state as a TrainConfig (vector labels that need a copy: see labels_arg)."""
         layers = self.checked_rasters()
         bands = self.checked_bands()
         labels_layer = self.labels.currentLayer()
@@ -425,7 +441,7 @@ class TrainDialog(QDialog):
             images=[layer.source() for layer in layers],
             bands=[] if len(bands) == len(self.band_table.bands) else bands,
             band_names=self.band_table.ticked_names() if self.band_table.names_changed() else [],
-            labels=layer_path(labels_layer) if labels_layer is not None else "",
+            labels=self.labels_arg(labels_file),
             label_field=(self.label_field.currentField() or None) if vector else None,
             ignore_index=None if vector else ignore,
             classes=self.classes or None,
@@ -471,8 +487,9 @@ class TrainDialog(QDialog):
             problems.append(str(exc))
             config = None
         if config is not None:
+            copied = config.labels.startswith(LABELS_COPY.split("{")[0])  # written by the task
             problems += [p for p in validate_train(config, choices(self.tuning), choices(self.decoder))
-                         if p not in problems]
+                         if p not in problems and not (copied and p.startswith("Labels not found"))]
             problems += grid_problems(config.images)
             layers = self.checked_rasters()
             if layers and config.chip_size:
@@ -487,9 +504,24 @@ class TrainDialog(QDialog):
         show_problems(self.bar, self.messages, "Cannot start training", unique)
         return unique
 
-    def command(self) -> list[str]:
+    def command(self, labels_file: str | None = None) -> list[str]:
         """The engine command for the current choices (after validation)."""
-        return train_args(self.config())
+        return train_args(self.config(labels_file))
+
+    def labels_writer(self, path: str):
+        """before(task) for the EngineTask: the labels layer copied to ``path`` on the worker
+        thread (its features are taken here, on the UI thread: cheap); the folder is the task's
+        to remove."""
+        copy = LayerCopy(self.labels.currentLayer())
+
+        def before(task) -> None:  # worker thread
+            try:
+                count = copy.write(path, task.isCanceled)
+            except LayerError as exc:
+                raise EngineError(f"{exc}. Save the labels as a GeoPackage and choose that "
+                                  "layer, then train again.") from None
+            task.logLine.emit(f"Labels: {count} features of '{copy.name}' copied to {path}")
+        return before
 
     # -- running -------------------------------------------------------------------------------
     def start(self) -> EngineTask | None:
@@ -497,7 +529,8 @@ class TrainDialog(QDialog):
             return None
         if self.validate():
             return None
-        args = self.command()
+        copy_to = temp_copy_path() if needs_copy(self.labels.currentLayer()) else None
+        args = self.command(copy_to)
         self.metrics.setText("")  # nothing of the previous run stays on screen
         self.progress.setValue(0)
         self.messages.clear()
@@ -506,7 +539,10 @@ class TrainDialog(QDialog):
         log("Train: <engine python> -m engine " + " ".join(args))
         mapper = ProgressMapper("train")
         self.task = EngineTask("GeoPEFT: training", settings.engine_python(), args,
-                               progress=mapper.percent)
+                               progress=mapper.percent,
+                               before=self.labels_writer(copy_to) if copy_to else None)
+        if copy_to:
+            self.task.temp_dirs.append(os.path.dirname(copy_to))  # removed when the task ends
         self._mapper = mapper
         self._metrics: dict[str, float] = {}
         self.task.engineEvent.connect(self._on_event)

@@ -1,6 +1,10 @@
 """What every GeoPEFT algorithm shares: running the engine with Processing's feedback."""
 from __future__ import annotations
 
+import functools
+import shutil
+import threading
+
 from qgis.core import QgsProcessingAlgorithm, QgsProcessingException, QgsProcessingFeedback
 from qgis.PyQt.QtCore import QCoreApplication
 
@@ -16,6 +20,10 @@ STAGES = {
     "export": {"prepare": (0, 10), "export": (10, 100)},
     "evaluate": {"prepare": (0, 10), "evaluate": (10, 100)},
 }
+
+
+# the temporary folders made during the processAlgorithm running on this thread (layer copies)
+_RUN = threading.local()
 
 
 def tr(text: str) -> str:
@@ -65,6 +73,27 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
 
     command = ""  # engine command name
 
+    def __init_subclass__(cls, **kwargs):
+        """Each algorithm's processAlgorithm removes the temporary layer copies it made (see
+        :func:`layer_path`) when it ends: success, failure or cancel."""
+        super().__init_subclass__(**kwargs)
+        process = cls.__dict__.get("processAlgorithm")
+        if process is None or getattr(process, "_removes_temporaries", False):
+            return
+
+        @functools.wraps(process)
+        def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS API
+            outer = getattr(_RUN, "temp_dirs", None)
+            _RUN.temp_dirs = []
+            try:
+                return process(self, parameters, context, feedback)
+            finally:
+                for folder in _RUN.temp_dirs:
+                    shutil.rmtree(folder, ignore_errors=True)
+                _RUN.temp_dirs = outer
+        processAlgorithm._removes_temporaries = True
+        cls.processAlgorithm = processAlgorithm
+
     def group(self) -> str:
         return tr("Segmentation")
 
@@ -105,20 +134,26 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         feedback.pushCommandInfo(" ".join(["<engine python> -m engine"] + args))
         try:
             result = run_engine(python, args, on_event=on_event, is_cancelled=feedback.isCanceled,
-                                on_stderr=feedback.pushDebugInfo)
+                                on_stderr=feedback.pushDebugInfo,
+                                log_dir=settings.engine_log_dir(),
+                                watchdog_s=settings.watchdog_seconds())
         except EngineError as exc:
             if exc.details:
                 feedback.pushDebugInfo(exc.details)
             raise QgsProcessingException(exc.message) from None
+        if result.log_path:
+            feedback.pushDebugInfo(self.tr("Engine log: {}").format(result.log_path))
         if result.cancelled:
             feedback.pushInfo(self.tr("Cancelled: the engine stopped cleanly."))
         return result
 
 
 def layer_path(layer, feedback=None) -> str | None:
-    """A file the engine can read for ``layer`` (QgsProcessingException if it cannot be made)."""
+    """A file the engine can read for ``layer`` (QgsProcessingException if it cannot be made).
+    A temporary copy is removed when the running processAlgorithm ends."""
     try:
-        return _layer_path(layer, feedback.pushInfo if feedback else None)
+        return _layer_path(layer, feedback.pushInfo if feedback else None,
+                           getattr(_RUN, "temp_dirs", None))
     except LayerError as exc:
         raise QgsProcessingException(str(exc)) from None
 

@@ -8,8 +8,13 @@ the engine), ``leak`` (reports its environment), ``echo`` (done at once, reporti
 uint8 0-100 with nodata 255, polygons GeoPackage layer "predictions" with class_value,
 class_name, area; reports each as an artifact). ``$FAKE_ENGINE_MODE`` overrides the command.
 ``$FAKE_ENGINE_RECORD`` (a folder): what the engine got, before anything runs: ``argv.json`` and a
-copy of the files given to --aoi/--mask (``aoi.gpkg``, ``mask.tif``: the plugin may delete its own
-temporary ones afterwards).
+copy of the files given to --aoi/--mask/--labels (``aoi.gpkg``, ``mask.tif``, ``labels.gpkg``: the
+plugin may delete its own temporary ones afterwards).
+Faults (plugin-side tests): ``garbage`` (non-protocol bytes, broken JSON and foreign JSON on
+stdout, a line on stderr, exit 1), ``hang`` (start, then silence forever: ignores SIGTERM and
+has a sleeping child process), ``slow`` (progress every 0.1 s for ``$FAKE_ENGINE_SECONDS``,
+default 3, then done ok). ``$FAKE_ENGINE_PID_FILE``: the engine's pid is written there (``hang``
+adds its child's on the next line).
 """
 import json
 import os
@@ -46,7 +51,7 @@ def record(folder):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "argv.json"), "w", encoding="utf-8") as f:
         json.dump(args, f)
-    for flag in ("--aoi", "--mask"):
+    for flag in ("--aoi", "--mask", "--labels"):
         value = option(flag)
         if value and os.path.isfile(value):
             shutil.copy(value, os.path.join(folder, flag[2:] + os.path.splitext(value)[1]))
@@ -54,6 +59,9 @@ def record(folder):
 
 if os.environ.get("FAKE_ENGINE_RECORD"):
     record(os.environ["FAKE_ENGINE_RECORD"])
+if os.environ.get("FAKE_ENGINE_PID_FILE"):
+    with open(os.environ["FAKE_ENGINE_PID_FILE"], "w", encoding="utf-8") as f:
+        f.write(f"{os.getpid()}\n")
 
 
 def fake_predict():
@@ -152,6 +160,33 @@ elif command == "predict":
     fake_predict()
 elif command == "echo":
     emit("done", ok=True, cancelled=False, argv=args)
+elif command == "garbage":
+    out = sys.stdout.buffer
+    out.write(b"\x00\xff\xfe binary \x1b[31m noise \x89PNG\r\n\x1a\n")
+    out.write(b'{"v": 1, "event": "progress", "stage": "train", "step": \n')  # cut short
+    out.write(b'{"not": "a protocol event"}\n[1, 2, 3]\nnull\n')
+    out.write(b"x" * 100_000 + b"\n")  # one huge line
+    out.flush()
+    print("fatal: the engine's stdout got mixed up", file=sys.stderr, flush=True)
+    sys.exit(1)
+elif command == "hang":
+    import subprocess
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends it
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    if os.environ.get("FAKE_ENGINE_PID_FILE"):
+        with open(os.environ["FAKE_ENGINE_PID_FILE"], "a", encoding="utf-8") as f:
+            f.write(f"{child.pid}\n")
+    while True:
+        time.sleep(1)
+elif command == "slow":
+    seconds = float(os.environ.get("FAKE_ENGINE_SECONDS", "3"))
+    steps = max(int(seconds / 0.1), 1)
+    for step in range(1, steps + 1):
+        if cancel.is_set():
+            break
+        emit("progress", stage="train", step=step, total=steps, epoch=1, loss=1.0 / step)
+        time.sleep(0.1)
+    emit("done", ok=True, cancelled=cancel.is_set(), out=option("--out", "x"))
 elif command == "leak":
     keys = ["PYTHONPATH", "PYTHONHOME", "GDAL_DATA", "PROJ_LIB", "PROJ_DATA", "QGIS_PREFIX_PATH",
             "LD_LIBRARY_PATH", "GDAL_DRIVER_PATH", "QGIS_SOMETHING", "PYTHONUNBUFFERED"]

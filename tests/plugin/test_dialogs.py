@@ -456,10 +456,14 @@ def test_setup_dialog_checks_and_saves_the_engine_python(qgis_iface, tmp_path, _
     try:
         assert d.python.filePath() == _engine_python_env
         d.python.setFilePath(str(tmp_path / "missing" / "python"))
-        assert not d.check()
+        d.check()  # in a task: the dialog stays responsive while the Python starts
+        wait_for(lambda: d.check_task is None, 60)
+        assert d.engine_ok is False
         assert "not found" in d.state.text() and "not found" in bar_text(d)
         d.python.setFilePath(_engine_python_env)
-        assert d.check()
+        d.check()
+        wait_for(lambda: d.check_task is None, 120)
+        assert d.engine_ok
         assert d.state.text().startswith("GeoPEFT engine ") and "installed" in d.state.text()
         assert settings.stored_engine_python() == _engine_python_env
         assert d.venv.filePath().endswith("geopeft-engine-venv")
