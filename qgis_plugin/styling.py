@@ -174,7 +174,7 @@ def _names_beside(layer: QgsVectorLayer, field: str, values: list[int]) -> dict[
     if not name_field:
         return {}
     names: dict[int, str] = {}
-    request = QgsFeatureRequest().setFlags(QgsFeatureRequest.NoGeometry)
+    request = QgsFeatureRequest().setFlags(QgsFeatureRequest.Flag.NoGeometry)
     request.setSubsetOfAttributes([field, name_field], layer.fields())
     for feature in layer.getFeatures(request):
         value = feature[field]
@@ -221,7 +221,7 @@ def style_prediction(layer: QgsRasterLayer, classes: list[dict] | None = None) -
 
 
 def categorized_renderer(classes: list[dict], field: str = CLASS_FIELD,
-                         geometry_type=QgsWkbTypes.PolygonGeometry) -> QgsCategorizedSymbolRenderer:
+                         geometry_type=QgsWkbTypes.GeometryType.PolygonGeometry) -> QgsCategorizedSymbolRenderer:
     categories = []
     for c in normalise_classes(classes):
         symbol = QgsFillSymbol.createSimple({"color": c["colour"], "outline_color": "#232323",

@@ -34,7 +34,7 @@ class SetupTask(QgsTask):
     ended = pyqtSignal(object)
 
     def __init__(self, steps):
-        super().__init__("GeoPEFT: setting up the engine", QgsTask.CanCancel)
+        super().__init__("GeoPEFT: setting up the engine", QgsTask.Flag.CanCancel)
         self.steps = steps
         self.error: str | None = None
         self.ok = False
@@ -91,12 +91,12 @@ class SetupDialog(QDialog):
         self.setWindowTitle("GeoPEFT — Engine set-up")
         self.setWindowIcon(icon("setup.svg"))
         self.bar = QgsMessageBar(self)
-        self.bar.setSizePolicy(QSizePolicy.Minimum, QSizePolicy.Fixed)
+        self.bar.setSizePolicy(QSizePolicy.Policy.Minimum, QSizePolicy.Policy.Fixed)
 
         current = QGroupBox("Engine Python")
         form = QFormLayout(current)
         self.python = QgsFileWidget()
-        self.python.setStorageMode(QgsFileWidget.GetFile)
+        self.python.setStorageMode(QgsFileWidget.StorageMode.GetFile)
         self.python.setFilePath(settings.engine_python() or "")
         self.python.setToolTip("The Python interpreter of the environment where the GeoPEFT "
                                "engine is installed (e.g. <repo>/.venv/bin/python after "
@@ -112,7 +112,7 @@ class SetupDialog(QDialog):
         create = QGroupBox("Create a new engine environment")
         cform = QFormLayout(create)
         self.venv = QgsFileWidget()
-        self.venv.setStorageMode(QgsFileWidget.GetDirectory)
+        self.venv.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.venv.setFilePath(str(setup_venv_dir(settings.profile_dir())))
         cform.addRow("Folder", self.venv)
         note = QLabel("Creates a separate Python environment and installs the engine with its "
@@ -132,8 +132,8 @@ class SetupDialog(QDialog):
         self.output.setMaximumBlockCount(2000)
         self.output.setFont(QFont("monospace", 8))
         self.output.setPlaceholderText("Installer output appears here.")
-        self.buttons = QDialogButtonBox(QDialogButtonBox.Close)
-        self.cancel_button = self.buttons.addButton("Cancel set-up", QDialogButtonBox.ActionRole)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        self.cancel_button = self.buttons.addButton("Cancel set-up", QDialogButtonBox.ButtonRole.ActionRole)
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
         self.buttons.rejected.connect(self.reject)
@@ -202,7 +202,7 @@ class SetupDialog(QDialog):
         try:
             steps = setup_steps(self.venv.filePath().strip())
         except SetupError as exc:
-            self.bar.pushMessage("Cannot set up the engine", str(exc), Qgis.Critical, 0)
+            self.bar.pushMessage("Cannot set up the engine", str(exc), Qgis.MessageLevel.Critical, 0)
             return None
         self.output.clear()
         self.task = SetupTask(steps)
@@ -233,10 +233,10 @@ class SetupDialog(QDialog):
             settings.set_engine_python(python)
             self.refresh_state()
             self.step_label.setText("Done: the engine is set up.")
-            self.bar.pushMessage("GeoPEFT", "Engine set up; setting saved.", Qgis.Success, 0)
+            self.bar.pushMessage("GeoPEFT", "Engine set up; setting saved.", Qgis.MessageLevel.Success, 0)
         elif task.error:
             self.step_label.setText("Set-up failed.")
-            log(task.error, Qgis.Critical)
-            self.bar.pushMessage("Engine set-up failed", task.error.split("\n")[0], Qgis.Critical, 0)
+            log(task.error, Qgis.MessageLevel.Critical)
+            self.bar.pushMessage("Engine set-up failed", task.error.split("\n")[0], Qgis.MessageLevel.Critical, 0)
         else:
             self.step_label.setText("Set-up cancelled.")

@@ -13,7 +13,7 @@ from ..core.engine_client import EngineError, EngineResult, run_engine
 LOG_TAG = "GeoPEFT"
 
 
-def log(message: str, level=Qgis.Info) -> None:
+def log(message: str, level=Qgis.MessageLevel.Info) -> None:
     QgsMessageLog.logMessage(message, LOG_TAG, level)
 
 
@@ -37,7 +37,7 @@ class EngineTask(QgsTask):
 
     def __init__(self, description: str, python: str | None, args: list[str], progress=None,
                  after=None, before=None, cleanup=None):
-        super().__init__(description, QgsTask.CanCancel)
+        super().__init__(description, QgsTask.Flag.CanCancel)
         self.python = python
         self.args = args
         self.progress = progress  # event -> percent or None

@@ -17,6 +17,7 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterVectorLayer,
+    QgsRasterLayer,
 )
 
 from ..labels import LabelsError, ignore_index, label_values, negative_values_warning
@@ -37,7 +38,7 @@ class LabelsChoice:
 
     @property
     def is_raster(self) -> bool:
-        return self.layer.type() == QgsMapLayer.RasterLayer
+        return isinstance(self.layer, QgsRasterLayer)
 
 
 def add_label_parameters(alg, what: str) -> None:
@@ -46,13 +47,13 @@ def add_label_parameters(alg, what: str) -> None:
         LABELS, tr("{}: class raster").format(what), optional=True))
     alg.addParameter(QgsProcessingParameterVectorLayer(
         LABEL_POLYGONS, tr("{}: polygon layer (instead of a class raster)").format(what),
-        [QgsProcessing.TypeVectorPolygon], optional=True))
+        [QgsProcessing.SourceType.TypeVectorPolygon], optional=True))
     alg.addParameter(QgsProcessingParameterField(
         LABEL_FIELD, tr("Class field of the polygon layer"), parentLayerParameterName=LABEL_POLYGONS,
         optional=True))
     alg.addParameter(QgsProcessingParameterNumber(
         IGNORE_VALUE, tr("Ignore value: label meaning \"no label\" (empty: the layer's no-data)"),
-        QgsProcessingParameterNumber.Integer, optional=True))
+        QgsProcessingParameterNumber.Type.Integer, optional=True))
 
 
 def label_choice(alg, parameters, context, feedback) -> LabelsChoice:

@@ -5,7 +5,6 @@ import json
 
 from qgis.core import (
     QgsFeatureRequest,
-    QgsMapLayer,
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
@@ -21,6 +20,7 @@ from qgis.core import (
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
+    QgsRasterLayer,
 )
 
 from .. import settings
@@ -129,17 +129,17 @@ class PredictAlgorithm(EngineAlgorithm):
             optional=True))
         extra = QgsProcessingParameterMultipleLayers(
             self.EXTRA_INPUTS, self.tr("Additional rasters stacked after the input (as in training)"),
-            QgsProcessing.TypeRaster, optional=True)
+            QgsProcessing.SourceType.TypeRaster, optional=True)
         bands = QgsProcessingParameterString(
             self.BANDS, self.tr("Bands of the input for the model's bands (e.g. 2,3,4; empty: by "
                                 "name from the model card)"), optional=True, defaultValue="")
         batch = QgsProcessingParameterNumber(
             self.BATCH_SIZE, self.tr("Batch size (empty: engine default)"),
-            QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=1024)
+            QgsProcessingParameterNumber.Type.Integer, optional=True, minValue=1, maxValue=1024)
         device = QgsProcessingParameterEnum(self.DEVICE, self.tr("Device"), options=list(DEVICES),
                                             defaultValue=0)
         for param in (extra, bands, batch, device):
-            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, self.tr("Classes")))
         self.addParameter(QgsProcessingParameterRasterDestination(
@@ -148,11 +148,11 @@ class PredictAlgorithm(EngineAlgorithm):
             self.UNCERTAINTY, self.tr("Uncertainty (where to label next)"), optional=True,
             createByDefault=False))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.POLYGONS, self.tr("Class polygons (GeoPackage)"), QgsProcessing.TypeVectorPolygon,
+            self.POLYGONS, self.tr("Class polygons (GeoPackage)"), QgsProcessing.SourceType.TypeVectorPolygon,
             optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterNumber(
             self.MIN_AREA, self.tr("Minimum polygon area (CRS units², with polygons; empty: keep all)"),
-            QgsProcessingParameterNumber.Double, optional=True, minValue=0))
+            QgsProcessingParameterNumber.Type.Double, optional=True, minValue=0))
         self.addOutput(QgsProcessingOutputString(self.CLASSES, self.tr("Classes (JSON)")))
 
     def bands(self, parameters, context, model: str, images: list[str], feedback) -> list[int]:
@@ -187,7 +187,7 @@ class PredictAlgorithm(EngineAlgorithm):
     def config(self, parameters, context, feedback) -> PredictConfig:
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         extra = self.parameterAsLayerList(parameters, self.EXTRA_INPUTS, context) or []
-        images = [layer_path(layer)] + [layer_path(x) for x in extra if x.type() == QgsMapLayer.RasterLayer]
+        images = [layer_path(layer)] + [layer_path(x) for x in extra if isinstance(x, QgsRasterLayer)]
         if layer is None or None in images:
             raise QgsProcessingException(self.tr("Choose a file-based input raster."))
         probabilities = self.parameterAsOutputLayer(parameters, self.PROBABILITIES, context) or None

@@ -87,7 +87,7 @@ class TrainAlgorithm(EngineAlgorithm):
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterMultipleLayers(
-            self.INPUT, self.tr("Input rasters (same grid)"), QgsProcessing.TypeRaster))
+            self.INPUT, self.tr("Input rasters (same grid)"), QgsProcessing.SourceType.TypeRaster))
         self.addParameter(QgsProcessingParameterString(
             self.BANDS, self.tr("Bands (e.g. 1,2,3,4,5,6; empty: all)"), optional=True,
             defaultValue=""))
@@ -103,10 +103,10 @@ class TrainAlgorithm(EngineAlgorithm):
             defaultValue=TUNING_METHODS.index("auto")))
         self.addParameter(QgsProcessingParameterNumber(
             self.CHIP_SIZE, self.tr("Chip size (pixels; empty: automatic, from the labelled area)"),
-            QgsProcessingParameterNumber.Integer, optional=True, minValue=14, maxValue=4096))
+            QgsProcessingParameterNumber.Type.Integer, optional=True, minValue=14, maxValue=4096))
         self.addParameter(QgsProcessingParameterNumber(
             self.EPOCHS, self.tr("Epochs (empty: the engine's default)"),
-            QgsProcessingParameterNumber.Integer, optional=True, minValue=1, maxValue=10000))
+            QgsProcessingParameterNumber.Type.Integer, optional=True, minValue=1, maxValue=10000))
         advanced = [
             QgsProcessingParameterBoolean(
                 self.PRETRAINED, self.tr("Start from pretrained weights (off: random, for tests)"),
@@ -124,19 +124,19 @@ class TrainAlgorithm(EngineAlgorithm):
                 self.MAX_TIME, self.tr("Time budget (e.g. 90s, 5m, 1h; empty: none)"),
                 optional=True, defaultValue=""),
             QgsProcessingParameterNumber(
-                self.BATCH_SIZE, self.tr("Batch size"), QgsProcessingParameterNumber.Integer,
+                self.BATCH_SIZE, self.tr("Batch size"), QgsProcessingParameterNumber.Type.Integer,
                 defaultValue=8, minValue=1, maxValue=1024),
             QgsProcessingParameterNumber(
                 self.LEARNING_RATE, self.tr("Learning rate (empty: automatic, by tuning method)"),
-                QgsProcessingParameterNumber.Double, optional=True, minValue=1e-7, maxValue=1.0),
+                QgsProcessingParameterNumber.Type.Double, optional=True, minValue=1e-7, maxValue=1.0),
             QgsProcessingParameterEnum(
                 self.DEVICE, self.tr("Device"), options=list(DEVICES), defaultValue=0),
             QgsProcessingParameterNumber(
-                self.SEED, self.tr("Random seed"), QgsProcessingParameterNumber.Integer,
+                self.SEED, self.tr("Random seed"), QgsProcessingParameterNumber.Type.Integer,
                 optional=True, minValue=0),
         ]
         for param in advanced:
-            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
             self.addParameter(param)
         self.addParameter(QgsProcessingParameterFolderDestination(
             self.OUTPUT, self.tr("Trained model folder")))
