@@ -543,8 +543,8 @@ def failure(result: EngineResult) -> EngineError:
         return EngineHung(
             f"The GeoPEFT engine stopped responding (no output for {result.hung_after_s:g} s) "
             f"and was stopped; {_details(result)}.\n"
-            "Run it again; if it hangs again, read the log, and check the engine with "
-            "GeoPEFT ▸ Set up engine…. A step that is silent for longer needs a higher limit: "
+            "Run it again; if it hangs again, read the log and check the engine (GeoPEFT ▸ "
+            "Set up engine…). A step that is silent for longer needs a higher limit: "
             f"set the environment variable {WATCHDOG_VARIABLE} (seconds) before starting QGIS.",
             details=tail, log_path=log)
     if result.errors:
