@@ -28,12 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     t = sub.add_parser("train", help="fine-tune a foundation model on labelled imagery", formatter_class=fmt)
-    t.add_argument("--image", action="append", required=True, metavar="TIF",
+    t.add_argument("--image", action="append", metavar="TIF",
                    help="input raster; repeat to stack several rasters on the same grid")
     t.add_argument("--bands", help="1-based bands of the stacked images, e.g. 1,2,3 or 2-7 (default: all)")
     t.add_argument("--band-names", help="names of the selected bands, comma-separated (default: the "
                    "rasters' band descriptions), used to match the model's pretrained bands")
-    t.add_argument("--labels", required=True, help="class raster, or vector file (GeoPackage/GeoJSON/Shapefile)")
+    t.add_argument("--labels", help="class raster, or vector file (GeoPackage/GeoJSON/Shapefile)")
     t.add_argument("--label-field", help="class field of vector labels")
     t.add_argument("--ignore-index", type=int, help="label value meaning 'no label' (besides the raster's nodata)")
     t.add_argument("--classes", help="JSON list (or .json file) of {value, name, colour} naming the classes")
@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", default="auto", help="Lightning strategy (e.g. ddp)")
     t.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True, help="model folder to write (card.json + adapter.safetensors)")
+    t.add_argument("--out", help="model folder to write (card.json + adapter.safetensors)")
+    t.add_argument("--resume", metavar="DIR", help="continue the cancelled run whose model folder is DIR (it holds "
+                   "resume.ckpt) with the arguments it started with: leave the others out (only --device and "
+                   "--workers may change). --image, --labels and --out are required otherwise")
     _common(t)
 
     p = sub.add_parser("predict", help="predict a class raster, tile by tile", formatter_class=fmt)
@@ -162,6 +165,9 @@ def cmd_train(a, reporter: Reporter) -> dict:
     from engine.training.train import TrainConfig, run_training
     from engine.tuning import TuningConfig
 
+    if not a.resume and not (a.image and a.labels and a.out):
+        raise EngineError("train needs --image, --labels and --out",
+                          hint="give all three, or --resume DIR to continue a cancelled run")
     cfg = TrainConfig(
         images=a.image, labels=a.labels, out=a.out, bands=parse_band_list(a.bands),
         band_names=_split(a.band_names), label_field=a.label_field, ignore_index=a.ignore_index,
@@ -171,7 +177,10 @@ def cmd_train(a, reporter: Reporter) -> dict:
         batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, device=a.device,
         precision=a.precision, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,
         seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers)
-    summary = run_training(cfg, reporter)
+    if a.resume:
+        from engine.training.resume import given_options, resumed_config
+        cfg = resumed_config(a.resume, cfg, given_options(getattr(a, "argv", sys.argv[1:])))
+    summary = run_training(cfg, reporter, resume=a.resume)
     if summary.get("out") and reporter.mode == "human":
         print(f"model written to {summary['out']} (best validation mIoU: {summary.get('best_val_miou')})")
     return summary
@@ -260,6 +269,9 @@ COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export, "e
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "resume", None) and not args.out:  # train --resume DIR writes DIR
+        args.out = args.resume
     events_out = sys.stdout
     if args.events == "jsonl":
         sys.stdout = sys.stderr  # stray prints (libraries) must not corrupt the protocol stream

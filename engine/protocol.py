@@ -139,6 +139,10 @@ class Reporter:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def withdraw_cancel(self) -> None:
+        """The job finished before the cancel could stop it: ``done`` says it was not cancelled."""
+        self._cancel.clear()
+
     def install_cancel_handlers(self, stdin: bool = False) -> None:
         """SIGTERM (and SIGINT) set the cancel flag; optionally a ``cancel`` line on stdin."""
         def handler(signum, frame):  # noqa: ARG001

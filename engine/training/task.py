@@ -2,7 +2,11 @@
 callbacks that report progress through the protocol and keep the best trained tensors."""
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -12,7 +16,12 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from engine.metrics import scores
 from engine.protocol import Reporter
-from engine.tuning import trainable_state_dict
+from engine.training.resume import CANCEL_AT_ENV, rng_state, set_rng_state
+from engine.tuning import trainable_keys, trainable_state_dict
+
+
+class TrainingCancelled(Exception):
+    """Raised from a batch hook when the reporter's cancel flag is set: ends ``fit`` at once."""
 
 
 class SegmentationTask(L.LightningModule):
@@ -28,6 +37,18 @@ class SegmentationTask(L.LightningModule):
                              persistent=False)
         self.val_confusion = MulticlassConfusionMatrix(len(class_names), ignore_index=-1)
         self.last_val: dict | None = None
+        self.checkpoint_keys: set[str] | None = None  # None: checkpoints hold the whole model
+
+    def save_only_trained(self, include_frozen: bool) -> None:
+        """Checkpoints (the resume checkpoint) hold only the tensors training changes: a frozen
+        backbone is rebuilt from its weights file when the run resumes."""
+        self.checkpoint_keys = {f"model.{k}" for k in trainable_keys(self.model, include_frozen)}
+        self.strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.checkpoint_keys is not None:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k in self.checkpoint_keys}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -78,6 +99,12 @@ class ProgressEvents(L.Callback):
         self.total_steps = total_steps
         self.max_seconds = max_seconds
         self.started = time.monotonic()
+        self.cancel_at = os.environ.get(CANCEL_AT_ENV, "").split(":")
+
+    def _check_cancel(self) -> None:
+        """Honoured after every training and validation batch: the run stops within one batch."""
+        if self.reporter.cancelled:
+            raise TrainingCancelled()
 
     def on_train_start(self, trainer, pl_module):
         self.started = time.monotonic()
@@ -91,8 +118,17 @@ class ProgressEvents(L.Callback):
                        elapsed / self.max_seconds if self.max_seconds else 0.0)
         self.reporter.progress("train", step, self.total_steps, epoch=trainer.current_epoch + 1,
                                loss=round(loss, 5), elapsed_s=round(elapsed, 1), fraction=round(min(fraction, 1.0), 4))
-        if self.reporter.cancelled:
-            trainer.should_stop = True
+        if self.cancel_at[0] == "step" and step == int(self.cancel_at[1]):
+            self.reporter.cancel()
+        self._check_cancel()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking:
+            return
+        if self.cancel_at[0] == "validate" and [trainer.current_epoch + 1, batch_idx] == \
+                [int(v) for v in self.cancel_at[1:3]]:
+            self.reporter.cancel()
+        self._check_cancel()
 
     def on_validation_end(self, trainer, pl_module):  # after the module's epoch-end hook
         if trainer.sanity_checking or pl_module.last_val is None:
@@ -136,3 +172,73 @@ class KeepBest(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if not self.has_validation:
             self._keep(trainer, pl_module, 0.0, None)
+
+    # In the resume checkpoint: a resumed run keeps the best of all its epochs.
+    def state_dict(self) -> dict:
+        val = json.dumps(self.best_val, default=lambda o: o.item()) if self.best_val is not None else None
+        return {"best_score": float(self.best_score), "best_epoch": int(self.best_epoch),
+                "best_state": self.best_state, "best_val": val}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_state = state["best_state"]
+        self.best_val = json.loads(state["best_val"]) if state["best_val"] is not None else None
+
+
+class ResumeCheckpoints(L.Callback):
+    """Writes the resume checkpoint (see ``engine.training.resume``) to ``path`` at the start of
+    every epoch but the first, and makes a run resumed from it go on as if it had never stopped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.epochs_done: int | None = None  # of the checkpoint at ``path``
+        self.step: int | None = None
+        self._saving = False
+        self._rng: dict | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.fit_loop.restarting:  # the first epoch of a resumed run
+            if self._rng is not None:
+                set_rng_state(self._rng)
+                self._rng = None
+            return
+        if trainer.current_epoch == 0:
+            return
+        self._saving = True
+        try:
+            trainer.save_checkpoint(self.path)
+        finally:
+            self._saving = False
+        self.epochs_done, self.step = trainer.current_epoch, trainer.global_step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if not self._saving:
+            return
+        checkpoint["geopeft_rng"] = rng_state()
+        # Saved between epochs, the epoch loop's batch counters still hold the finished epoch.
+        # Recorded as at its last batch's end instead, which Lightning resumes by starting the next
+        # epoch afresh (its fit-loop counters say: the finished epoch is complete, validation,
+        # epoch-end hooks and learning-rate step included).
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        progress["total"]["completed"] -= 1
+        progress["current"]["completed"] -= 1
+        progress["is_last_batch"] = False
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        self._rng = checkpoint.get("geopeft_rng")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # Lightning skips the plateau schedule's step at the end of the first epoch after a
+        # restart (it assumes the metrics it watches were lost with the process); here they
+        # were computed in this epoch, so the step is taken as in an uninterrupted run.
+        if trainer.fit_loop.restarting:
+            trainer.fit_loop.epoch_loop.update_lr_schedulers("epoch", update_plateau_schedulers=True)
+
+    def take(self) -> Path | None:
+        """Moves the last checkpoint out of the working folder (a temporary file of its own)."""
+        if self.epochs_done is None or not self.path.is_file():
+            return None
+        fd, name = tempfile.mkstemp(prefix="geopeft-resume-", suffix=".ckpt", dir=self.path.parent.parent)
+        os.close(fd)
+        os.replace(self.path, name)
+        return Path(name)

@@ -195,7 +195,7 @@ def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
     train_pixels = train_target.labelled
     # Each labelled pixel falls in about four crops per epoch; at least eight batches.
     per_epoch = cfg.chips_per_epoch or max(8 * cfg.batch_size, math.ceil(4 * train_pixels / chip ** 2))
-    train_set = RandomCrops(source, positions, train_target, chip, per_epoch)
+    train_set = RandomCrops(source, positions, train_target, chip, per_epoch, seed=cfg.seed)
     val_set = ChipDataset(source, val_windows, val_target) if val_windows else None
     reporter.info(f"{len(labels.classes)} classes; {train_pixels} training / {val_target.labelled} "
                   f"validation pixels (validation in blocks of {2 * chip} px, training labels kept "
@@ -206,8 +206,10 @@ def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
                         source_dtype, chip, train_set, val_set, weights, per_epoch)
 
 
-def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
-    """Train and write the model folder ``cfg.out``. Returns the summary of the ``done`` event."""
+def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str | os.PathLike | None = None) -> dict:
+    """Train and write the model folder ``cfg.out``. Returns the summary of the ``done`` event.
+    ``resume``: the model folder of a cancelled run to continue (``cfg``: that run's, see
+    ``engine.training.resume``)."""
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
     max_seconds = parse_duration(cfg.max_time)
@@ -222,7 +224,14 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
                           hint="choose a new or empty --out folder (an earlier model folder is replaced)")
     if not 0 <= cfg.val_fraction < 1:
         raise EngineError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
+    from engine.training import resume as resuming
+    resume_info, resume_from = resuming.read_resume(resume) if resume is not None else (None, None)
     data = prepare_data(cfg, spec, reporter)
+    data_check = resuming.data_check(data)
+    if resume_info is not None and resume_info.get("data") != data_check:
+        raise EngineError(f"the images or labels of the cancelled run in {resume} have changed (now "
+                          f"{data_check}, then {resume_info.get('data')}): the run cannot continue as it was",
+                          hint="start a new training run")
 
     reporter.progress("prepare", 3, 4, "building the model")
     import lightning as L
@@ -230,7 +239,8 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
 
     from engine.models.checkpoints import load_backbone_weights, resolve_weights
     from engine.models.segmentor import build_segmentor
-    from engine.training.task import KeepBest, ProgressEvents, SegmentationTask
+    from engine.training.task import (KeepBest, ProgressEvents, ResumeCheckpoints, SegmentationTask,
+                                      TrainingCancelled)
     from engine.tuning import apply_tuning, count_parameters
 
     # Our own events report progress; Lightning's info lines and tips are noise here.
@@ -260,35 +270,41 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
     from engine.training.data import ChipDataModule
     task = SegmentationTask(model, [c["name"] for c in data.classes], lr, class_weights=data.class_weights,
                             monitor="val_miou" if data.val_set is not None else "train_loss_epoch")
-    datamodule = ChipDataModule(data.train_set, data.val_set, cfg.batch_size, cfg.workers)
+    task.save_only_trained(include_frozen=loaded.source == "random")
+    datamodule = ChipDataModule(data.train_set, data.val_set, cfg.batch_size, cfg.workers,
+                                start_epoch=resume_info["epochs_done"] if resume_info else 0)
     steps_per_epoch = math.ceil(data.chips_per_epoch / cfg.batch_size)
     total_steps = None if max_seconds and cfg.epochs >= 1000 else steps_per_epoch * cfg.epochs
     progress = ProgressEvents(reporter, total_steps, max_seconds)
     keep = KeepBest(has_validation=data.val_set is not None, include_frozen=loaded.source == "random")
     workdir = tempfile.mkdtemp(prefix="geopeft-train-")
+    checkpoints = ResumeCheckpoints(Path(workdir) / resuming.RESUME_CKPT)
     trainer = L.Trainer(
         accelerator=accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, precision=precision, max_epochs=cfg.epochs,
         max_time=dt.timedelta(seconds=max_seconds) if max_seconds else None,
-        callbacks=[progress, keep], logger=False, enable_checkpointing=False,
+        callbacks=[progress, keep, checkpoints], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=1, default_root_dir=workdir,
     )
     reporter.enabled = reporter.enabled and trainer.is_global_zero
     reporter.progress("prepare", 4, 4, "training")
+    stopped = False
     try:
-        trainer.fit(task, datamodule=datamodule)
-    except SIGTERMException:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)  # tensors and plain values only: nothing in the file runs
+    except (SIGTERMException, TrainingCancelled):
         reporter.cancel()
+        stopped = True
     finally:
+        resume_ckpt = checkpoints.take() if stopped and trainer.is_global_zero else None
         shutil.rmtree(workdir, ignore_errors=True)
-    if reporter.cancelled:
-        reporter.warning("training cancelled" + (": keeping the best weights so far" if keep.best_state
-                                                 else " before the first epoch ended: nothing written"))
+    # Every epoch ran: a cancel after the last one stopped nothing.
+    stopped = stopped and trainer.current_epoch < cfg.epochs
     if not trainer.is_global_zero:
         return {}
-    if keep.best_state is None:
-        return {"out": None, "epochs": trainer.current_epoch}
+    if stopped and (keep.best_state is None or (resume_info and resume_ckpt is None)):
+        return resuming.nothing_new_kept(reporter, trainer, cfg, resume, resume_info)
 
     card = {
         "card_version": CARD_VERSION,
@@ -313,18 +329,24 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
             "seed": cfg.seed, "val_fraction": cfg.val_fraction, "class_weights": data.class_weights,
             "chips_per_epoch": data.chips_per_epoch, "accelerator": accelerator,
             "precision": precision, "duration_s": round(time.monotonic() - started, 1),
-            "cancelled": reporter.cancelled, "parameters": counts,
+            "cancelled": stopped, "parameters": counts,
             "images": [str(Path(p).resolve()) for p in cfg.images],
             "labels": str(Path(cfg.labels).resolve()),
         },
         "files": {"weights": WEIGHTS_FILE},
     }
-    out = _write_model_folder(Path(cfg.out), keep.best_state, card)
+    extra = resuming.card_and_files(card, cfg, trainer, checkpoints, resume_ckpt, resume_info, data_check)
+    try:
+        out = _write_model_folder(Path(cfg.out), keep.best_state, card, extra)
+    finally:
+        if resume_ckpt is not None:
+            resume_ckpt.unlink(missing_ok=True)
     reporter.artifact("model", str(out))
     reporter.artifact("card", str(out / "card.json"))
-    return {"out": str(out), "best_val_miou": card["training"]["best_val_miou"],
-            "epochs": trainer.current_epoch, "steps": trainer.global_step,
-            "trainable_parameters": counts["trainable"]}
+    summary = {"out": str(out), "best_val_miou": card["training"]["best_val_miou"],
+               "epochs": trainer.current_epoch, "steps": trainer.global_step,
+               "trainable_parameters": counts["trainable"]}
+    return resuming.report_end(reporter, summary, card, stopped)
 
 
 def _devices(text: str):
@@ -332,8 +354,9 @@ def _devices(text: str):
     return int(text) if text.isdigit() else text
 
 
-def _write_model_folder(out: Path, state: dict, card: dict) -> Path:
-    """Write into a temporary sibling folder, then swap it in: never a half-written model."""
+def _write_model_folder(out: Path, state: dict, card: dict, extra: dict | None = None) -> Path:
+    """Write into a temporary sibling folder, then swap it in: never a half-written model.
+    ``extra``: more files, name → text, or the Path of a file to move in."""
     from safetensors.torch import save_file
 
     from engine.models.checkpoints import sha256_file
@@ -346,6 +369,12 @@ def _write_model_folder(out: Path, state: dict, card: dict) -> Path:
         os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~current_umask())
         card["files"]["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         write_card(card, tmp)
+        for name, content in (extra or {}).items():
+            if isinstance(content, Path):
+                shutil.move(str(content), str(tmp / name))
+            else:
+                (tmp / name).write_text(content)
+            os.chmod(tmp / name, 0o666 & ~current_umask())
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

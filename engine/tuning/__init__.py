@@ -63,13 +63,19 @@ def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict
 
     ``include_frozen``: everything, for a backbone that started from random weights (no file
     to reference, so it must travel with the model)."""
+    keys = trainable_keys(model, include_frozen)
+    return {k: _copy(v) for k, v in model.state_dict().items() if k in keys}
+
+
+def trainable_keys(model: nn.Module, include_frozen: bool = False) -> set[str]:
+    """The state-dict keys ``trainable_state_dict`` keeps."""
     if include_frozen:
-        return {k: _copy(v) for k, v in model.state_dict().items()}
+        return set(model.state_dict())
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     # BatchNorm running statistics of trained modules change too.
     buffers = {n for n, _ in model.named_buffers()
                if n.rsplit(".", 1)[0] in {m.rsplit(".", 1)[0] for m in names}}
-    return {k: _copy(v) for k, v in model.state_dict().items() if k in names | buffers}
+    return names | buffers
 
 
 def _copy(tensor):

@@ -1,6 +1,7 @@
 """The Train dialog: project layers -> TrainConfig -> engine in a QgsTask, live progress."""
 from __future__ import annotations
 
+import json
 import os
 
 from qgis.core import Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsVectorLayer
@@ -204,6 +205,7 @@ class TrainDialog(QDialog):
         self.out.setToolTip("A new or empty folder; by default in 'models' beside the project "
                             "(or in GeoPEFT/models in your home folder).")
         tform.addRow("Output folder", self.out)
+        self.out.fileChanged.connect(lambda *_: self._update_resume())
 
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
@@ -219,6 +221,10 @@ class TrainDialog(QDialog):
         self.train_button.setDefault(True)
         self.cancel_button = QPushButton("Cancel training")
         self.cancel_button.setEnabled(False)
+        self.resume_button = QPushButton("Resume")  # shown when the Output folder holds a cancelled run
+        self.resume_button.setVisible(False)
+        self.resume_button.clicked.connect(self.resume)
+        self.buttons.addButton(self.resume_button, QDialogButtonBox.ButtonRole.ActionRole)
         self.buttons.addButton(self.train_button, QDialogButtonBox.ButtonRole.ActionRole)
         self.buttons.addButton(self.cancel_button, QDialogButtonBox.ButtonRole.ActionRole)
         self.buttons.addButton(self.messages.log_button, QDialogButtonBox.ButtonRole.HelpRole)
@@ -560,8 +566,43 @@ class TrainDialog(QDialog):
             self.cancel_button.setEnabled(False)
             self.task.cancel()
 
+    def _update_resume(self) -> None:
+        """Offer Resume when the Output folder holds a cancelled run's resume checkpoint."""
+        info = resume_info(self.out.filePath().strip())
+        self.resume_button.setVisible(self.task is None and info is not None)
+        if info is not None:
+            self.resume_button.setToolTip(
+                f"Continue the cancelled training in this folder: {info.get('epochs_done')} of "
+                f"{info.get('epochs')} epochs are done; it goes on with the settings it started with.")
+
+    def resume(self) -> EngineTask | None:
+        """Continue the cancelled run in the Output folder (``train --resume``), whatever the
+        dialog's other choices: the run keeps the ones it started with."""
+        folder = self.out.filePath().strip()
+        if self.task is not None or resume_info(folder) is None:
+            return None
+        args = ["train", "--resume", folder]
+        self.metrics.setText("")
+        self.progress.setValue(0)
+        self.messages.clear()
+        self.bar.clearWidgets()
+        self.messages.start_log("<engine python> -m engine " + " ".join(args))
+        log("Train (resume): <engine python> -m engine " + " ".join(args))
+        self._mapper = ProgressMapper("train")
+        self._metrics = {}
+        self.task = EngineTask("GeoPEFT: resuming training", settings.engine_python(), args,
+                               progress=self._mapper.percent)
+        self.task.engineEvent.connect(self._on_event)
+        self.task.logLine.connect(self.messages.add_log)
+        self.task.ended.connect(self._on_completed)
+        self._set_running(True)
+        self.status.setText("Resuming the cancelled training…")
+        QgsApplication.taskManager().addTask(self.task)
+        return self.task
+
     def _set_running(self, running: bool) -> None:
         self.train_button.setEnabled(not running)
+        self._update_resume()
         self.cancel_button.setEnabled(running)
         for widget in (self.rasters, self.band_table, self.labels, self.label_field, self.use_ignore,
                        self.ignore_value, self.class_table, self.backbone, self.weights, self.tuning,
@@ -618,16 +659,23 @@ class TrainDialog(QDialog):
         result = task.result
         out = (result.done.get("out") if result else None) or self.out.filePath()
         miou = result.done.get("best_val_miou") if result else None
-        if task.cancelled:
+        done = result.done if result else {}
+        if task.cancelled and not done.get("finished_before_cancel"):
             written = os.path.isfile(os.path.join(out, "card.json"))
             text = (f"Training cancelled; the best model so far is in {out}." if written else
-                    "Training cancelled before the first validation; nothing was written.")
+                    "Training cancelled before the first epoch ended; nothing was kept.")
+            info = resume_info(self.out.filePath().strip())  # Resume is offered (_set_running)
+            if info is not None:
+                text += (f" {info.get('epochs_done')} of {info.get('epochs')} epochs are saved: "
+                         "Resume continues the training.")
             self.status.setText(text)
             self.bar.pushMessage("GeoPEFT", text, Qgis.MessageLevel.Info, 10)
             return
         self.progress.setValue(100)
         text = f"Model saved to {out}" + (f" (best validation mIoU {miou:.3f})"
                                           if isinstance(miou, (int, float)) else "")
+        if done.get("finished_before_cancel"):
+            text = "Training finished before the cancel arrived: the model is complete. " + text
         self.status.setText(text)
         self.bar.pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 0)
         if self.iface is not None:
@@ -639,6 +687,17 @@ class TrainDialog(QDialog):
     def closeEvent(self, event):  # noqa: N802 - Qt API
         # the task keeps running in QGIS's task manager (with its own cancel button)
         super().closeEvent(event)
+
+
+def resume_info(folder: str) -> dict | None:
+    """resume.json of a cancelled run's model folder that can resume (it has resume.ckpt), else None."""
+    if not folder or not os.path.isfile(os.path.join(folder, "resume.ckpt")):
+        return None
+    try:
+        with open(os.path.join(folder, "resume.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def set_choices(combo: QComboBox, values, labels: dict[str, str]) -> None:
