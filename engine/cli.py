@@ -279,19 +279,25 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "NODE_RANK", "RANK"))
     reporter = Reporter(args.events, stream=events_out if args.events == "jsonl" else None, enabled=rank0)
     reporter.install_cancel_handlers(stdin=args.cancel_on_stdin and rank0)  # one reader of stdin's "cancel"
+    # run-time faults (engine.reliability): cancel when the caller dies; one job per output, whose
+    # lock also lets it remove what killed jobs left beside it; out of memory / disk full explained
+    from engine.reliability import explain_fault, guard_outputs, output_paths, watch_parent
+    watch_parent(reporter)
     reporter.start(args.command)
     try:
-        summary = COMMANDS[args.command](args, reporter)
-    except EngineError as exc:
-        print(f"ERROR: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
-        reporter.error(exc.message, "EngineError", exc.hint)
-        reporter.done(ok=False)
-        return EXIT_USER_ERROR
+        with guard_outputs(output_paths(args) if rank0 else [], args.command, reporter):
+            summary = COMMANDS[args.command](args, reporter)
     except KeyboardInterrupt:
         reporter.cancel()
         reporter.done(ok=False)
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - report, then fail with the traceback on stderr
+        user = exc if isinstance(exc, EngineError) else explain_fault(exc, args)
+        if user is not None:
+            print(f"ERROR: {user.message}" + (f"\n  hint: {user.hint}" if user.hint else ""), file=sys.stderr)
+            reporter.error(user.message, getattr(user, "error_type", "EngineError"), user.hint)
+            reporter.done(ok=False)
+            return EXIT_USER_ERROR
         traceback.print_exc()
         reporter.error(f"internal error: {type(exc).__name__}: {exc}", "InternalError",
                        "this is a bug in GeoPEFT; the log above has the details")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.data.labels import LABEL_BLOCK, load_labels, make_classes
-from engine.data.rasters import Grid, atomic_output, block_cache, open_raster
+from engine.data.rasters import Grid, atomic_output, block_cache, check_writable, open_raster
 from engine.metrics import confusion, format_table, scores
-from engine.protocol import Reporter
+from engine.protocol import EngineError, Reporter
 
 
 def _index_of(values: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -29,13 +29,20 @@ def evaluate(prediction: str | os.PathLike, labels: str | os.PathLike, out: str 
              label_field: str | None = None, ignore_index: int | None = None,
              reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
+    if out:
+        for kind, given in (("the prediction", prediction), ("the labels", labels)):
+            if Path(out).resolve() == Path(given).resolve():
+                raise EngineError(f"--out {out} is {kind} ({Path(given).name}): writing the metrics there "
+                                  "would destroy it", hint="give --out a new file name (e.g. metrics.json)")
+        check_writable(out, "--out")
     with open_raster(prediction, "prediction") as ds, \
             block_cache(ds.width, 4 * LABEL_BLOCK, np.dtype(ds.dtypes[0]).itemsize):
         grid = Grid.of(ds)
         nodata = ds.nodata
         tagged = ds.tags().get("GEOPEFT_CLASSES")
         known = json.loads(tagged) if tagged else None
-        reference = load_labels(labels, grid, label_field, ignore_index, known)
+        reference = load_labels(labels, grid, label_field, ignore_index, known, reporter,
+                                target=f"the prediction {Path(prediction).name}")
         ref_values = np.array([c["value"] for c in reference.classes])
         blocks = [w for _, w in ds.block_windows(1)]
         if known:  # a GeoPEFT prediction names its classes: no need to scan it first

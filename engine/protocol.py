@@ -168,8 +168,13 @@ class Reporter:
             return
         if self.mode == "jsonl":
             stream = self._stream or sys.stdout
-            stream.write(encode_event(event, **fields) + "\n")
-            stream.flush()
+            line = encode_event(event, **fields) + "\n"
+            try:
+                stream.write(line)
+                stream.flush()
+            except (BrokenPipeError, ValueError):  # closed: the caller stopped reading (gone): stop the job
+                self.enabled = False
+                self.cancel()
         elif self.mode == "human":
             self._human(event, fields)
 

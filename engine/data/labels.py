@@ -28,7 +28,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from engine.data.rasters import Grid, block_cache, open_raster
-from engine.protocol import EngineError
+from engine.protocol import EngineError, Reporter
 
 NO_LABEL = -1
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".kml", ".gml", ".sqlite"}
@@ -162,26 +162,29 @@ def make_classes(values: Sequence[int], known: Sequence[dict] | None = None,
 
 
 def load_labels(path: str | os.PathLike, grid: Grid, field: str | None = None,
-                ignore_value: int | None = None, classes: Sequence[dict] | None = None) -> LabelMask:
+                ignore_value: int | None = None, classes: Sequence[dict] | None = None,
+                reporter: Reporter | None = None, target: str = "the image") -> LabelMask:
     """Labels from a class raster or a vector file, on ``grid``.
 
     ``ignore_value``: a label value that means "no label" (e.g. -1 in Sen1Floods11).
     ``classes``: optional names/colours; for a text class field, names map to values.
+    ``reporter`` gets the warnings (features skipped); ``target`` names the raster whose grid
+    ``grid`` is in messages (e.g. "the prediction pred.tif").
     """
     path = Path(path)
     if not path.exists():
         raise EngineError(f"labels file not found: {path}", hint="check the --labels path")
     if is_vector(path):
-        mask = _vector_labels(path, grid, field, classes)
+        mask = _vector_labels(path, grid, field, classes, reporter or Reporter("quiet"))
     else:
-        mask = _raster_labels(path, grid, ignore_value, classes)
+        mask = _raster_labels(path, grid, ignore_value, classes, target)
     if mask.labelled == 0:
-        raise EngineError(f"labels {path.name} do not overlap the image: no labelled pixel falls on it",
-                          hint="check that labels and image cover the same area (and their CRS)")
+        raise EngineError(f"labels {path.name} do not overlap {target}: no labelled pixel falls on it",
+                          hint=f"check that the labels and {target} cover the same area (and their CRS)")
     return mask
 
 
-def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
+def _raster_labels(path: Path, grid: Grid, ignore_value, classes, target: str = "the image") -> LabelMask:
     with open_raster(path, "labels") as ds:
         if ds.count < 1:
             raise EngineError(f"labels raster {path.name} has no band")
@@ -205,13 +208,14 @@ def _raster_labels(path: Path, grid: Grid, ignore_value, classes) -> LabelMask:
                                                     ignore_value)
         else:
             if ds.crs is None or grid.crs is None:
-                raise EngineError(f"labels {path.name} are on another grid than the image and have no CRS",
-                                  hint="give labels on the image grid, or georeferenced labels")
+                raise EngineError(f"labels {path.name} are on another grid than {target}, and "
+                                  f"{'the labels have' if ds.crs is None else f'{target} has'} no CRS",
+                                  hint=f"give labels on the grid of {target}, or georeferenced rasters")
             left, bottom, right, top = transform_bounds(ds.crs, grid.crs, *ds.bounds)
             gl, gb, gr, gt = grid.bounds
             if right <= gl or left >= gr or top <= gb or bottom >= gt:
-                raise EngineError(f"labels {path.name} do not overlap the image",
-                                  hint="check that labels and image cover the same area (and their CRS)")
+                raise EngineError(f"labels {path.name} do not overlap {target}",
+                                  hint=f"check that the labels and {target} cover the same area (and their CRS)")
             # Nearest neighbour: class numbers must not be averaged. The alpha band marks the
             # pixels the labels cover, so no class value (0 included) stands in for "outside".
             # Only the part of the image grid under the labels' bounds is scanned.
@@ -277,7 +281,49 @@ def _scan_label_raster(src, region: Window, nodata, ignore_value, covered: bool 
     return found, present
 
 
-def _vector_labels(path: Path, grid: Grid, field: str | None, classes) -> LabelMask:
+def _usable(geom) -> bool:
+    """Whether a GeoJSON-like geometry can be burnt into the grid: a known type with coordinates,
+    all finite, and polygon rings closed with at least four positions. (Self-intersections are
+    burnt as they are.)"""
+    if geom is None:
+        return False
+
+    def get(obj, key):
+        return getattr(obj, key, None) if not isinstance(obj, dict) else obj.get(key)
+
+    def positions(seq, least):
+        try:
+            arr = np.asarray(seq, dtype=float)
+        except (TypeError, ValueError):
+            return False
+        return arr.ndim == 2 and arr.shape[0] >= least and arr.shape[1] >= 2 and bool(np.isfinite(arr).all())
+
+    def ring(seq):
+        return positions(seq, 4) and tuple(seq[0][:2]) == tuple(seq[-1][:2])
+
+    kind, coords = get(geom, "type"), get(geom, "coordinates")
+    if kind == "GeometryCollection":
+        parts = get(geom, "geometries") or []
+        return bool(parts) and all(_usable(p) for p in parts)
+    if not coords:
+        return False
+    try:
+        if kind == "Point":
+            return positions([coords], 1)
+        if kind in ("LineString", "MultiPoint"):
+            return positions(coords, 2 if kind == "LineString" else 1)
+        if kind == "MultiLineString":
+            return all(positions(line, 2) for line in coords)
+        if kind == "Polygon":
+            return all(ring(r) for r in coords)
+        if kind == "MultiPolygon":
+            return all(p and all(ring(r) for r in p) for p in coords)
+    except (TypeError, IndexError):
+        return False
+    return False
+
+
+def _vector_labels(path: Path, grid: Grid, field: str | None, classes, reporter: Reporter) -> LabelMask:
     import fiona
     from fiona.transform import transform_geom
 
@@ -298,15 +344,28 @@ def _vector_labels(path: Path, grid: Grid, field: str | None, classes) -> LabelM
         need_reproject = bool(src_crs) and grid.crs is not None and \
             rasterio.crs.CRS.from_user_input(src_crs) != grid.crs
         records = []
+        broken = unvalued = 0
         for feat in src:
             geom, value = feat.geometry, feat.properties[field]
-            if geom is None or value is None:
+            if value is None:
+                unvalued += 1
+                continue
+            if not _usable(geom):
+                broken += 1
                 continue
             if need_reproject:
                 geom = transform_geom(src_crs, grid.crs.to_wkt(), geom)
             records.append((geom, value))
+    skipped = [f"{broken} feature(s) with an empty or invalid geometry" if broken else "",
+               f"{unvalued} feature(s) without a {field!r} value" if unvalued else ""]
+    skipped = " and ".join(s for s in skipped if s)
     if not records:
-        raise EngineError(f"vector labels {path.name} have no features with a {field!r} value")
+        raise EngineError(f"vector labels {path.name} have no usable feature"
+                          + (f": {skipped}" if skipped else " (the layer is empty)"),
+                          hint=f"fix the geometries (e.g. QGIS 'Fix geometries'), fill the {field!r} field, or "
+                               "give other labels")
+    if skipped:
+        reporter.warning(f"vector labels {path.name}: skipped {skipped}; {len(records)} feature(s) used")
     raw_values = [v for _, v in records]
     if all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer())
            for v in raw_values):

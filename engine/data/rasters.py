@@ -79,10 +79,41 @@ def open_raster(path: str | os.PathLike, what: str = "raster"):
     if not path.exists():
         raise EngineError(f"{what} file not found: {path}", hint="check the path and that the file exists")
     try:
-        return rasterio.open(path)
+        ds = rasterio.open(path)
     except RasterioIOError as exc:
+        if path.is_dir():  # GDAL opens some folders (e.g. ArcInfo grids): only a failure is an error
+            raise EngineError(f"{what} {path} is a folder, not a raster file",
+                              hint="give the raster file itself (e.g. a .tif inside that folder)") from None
+        if not os.access(path, os.R_OK):
+            raise EngineError(f"cannot read {what} {path}: permission denied",
+                              hint="make the file readable for your user (its permissions), or copy it "
+                                   "somewhere readable") from None
         raise EngineError(f"cannot read {what} {path}: {exc}",
                           hint="give a raster file GDAL can read (e.g. a GeoTIFF)") from None
+    if ds.count == 0:
+        ds.close()
+        raise EngineError(f"{what} {path.name} has no bands ({path})",
+                          hint="give a raster with at least one band (a VRT must list its bands)")
+    return ds
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output that could not be written: its first existing parent
+    is a file, or a folder without write permission; or a file output that is an existing folder.
+    (Missing folders are created when the output is written.)"""
+    path = Path(path).absolute()
+    if not folder and path.is_dir():
+        raise EngineError(f"cannot write {what} {path}: {path.name} is an existing folder",
+                          hint=f"give {what} a file name (e.g. {path / 'result.tif'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EngineError(f"cannot write {what} {path}: {parent.name} ({parent}) is a file, not a folder",
+                          hint=f"choose {what} in a folder (not under the file {parent.name})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EngineError(f"cannot write {what} {path}: the folder {parent} is not writable",
+                          hint="choose a folder you can write to, or change the folder's permissions")
 
 
 def parse_band_list(text: str | None) -> list[int] | None:
@@ -209,6 +240,48 @@ class RasterStack:
                 values.append(data[:, valid])
         return np.concatenate(values, axis=1)
 
+    def value_warnings(self, size: int = 256, per_axis: int = 3, saturated_share: float = 0.01) -> list[str]:
+        """Warnings about the values of the windows ``sample`` looks at, one per file and kind:
+        NaN or infinite values in floating-point bands (read as nodata everywhere: never trained
+        on, never predicted) and uint16 bands where at least ``saturated_share`` of the pixels
+        are 65535 (saturated, or a nodata value the file does not declare)."""
+        nonfinite: dict[int, list[str]] = {}
+        saturated: dict[int, dict[str, list[int]]] = {}
+        H, W = self.grid.height, self.grid.width
+        rows = sorted({int(v) for v in np.linspace(0, max(H - size, 0), per_axis)})
+        cols = sorted({int(v) for v in np.linspace(0, max(W - size, 0), per_axis)})
+        for k, (i, b) in enumerate(self._sources):
+            ds, dtype = self._datasets[i], np.dtype(self._datasets[i].dtypes[b - 1])
+            nd = ds.nodatavals[b - 1]
+            floating = np.issubdtype(dtype, np.floating)
+            if not floating and (dtype != np.uint16 or nd == 65535):
+                continue
+            name = f"band {b}" + (f" ({self.band_names[k]})" if self.band_names[k] else "")
+            bad = top = total = 0
+            for row in rows:
+                for col in cols:
+                    band = ds.read(b, window=Window(col, row, min(size, W - col), min(size, H - row)))
+                    if floating:
+                        bad += int((np.isinf(band) if nd is not None and np.isnan(nd) else ~np.isfinite(band)).sum())
+                    else:
+                        counted = band != nd if nd is not None else np.ones(band.shape, bool)
+                        top += int((band[counted] == 65535).sum())
+                        total += int(counted.sum())
+            if bad:
+                nonfinite.setdefault(i, []).append(name)
+            if total and top >= saturated_share * total:
+                saturated.setdefault(i, {})[name] = (top, total)
+        out = []
+        for i, names in nonfinite.items():
+            out.append(f"image {self.paths[i].name}: {', '.join(names)} hold(s) NaN or infinite values: those "
+                       "pixels are read as nodata (not trained on, not predicted)")
+        for i, found in saturated.items():
+            share = ", ".join(f"{name} {top / total:.0%}" for name, (top, total) in found.items())
+            out.append(f"image {self.paths[i].name}: many pixels are 65535, the largest uint16 value ({share} of "
+                       "the sampled pixels): saturated, or a nodata value the file does not declare. If it is "
+                       "nodata, set the raster's nodata to 65535; saturated pixels carry no information")
+        return out
+
     def windows(self, size: int = 1024) -> Iterator[Window]:
         """Blocks covering the whole raster (for statistics and checks)."""
         for row in range(0, self.grid.height, size):
@@ -260,8 +333,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name, not a created file: some drivers (GeoPackage) refuse an existing file.
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+    # A unique name, not a created file: some drivers (GeoPackage) refuse an existing file. The
+    # PID lets the next job on this output remove it if this one is killed (engine.reliability).
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

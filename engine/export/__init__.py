@@ -114,7 +114,9 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
     out.parent.mkdir(parents=True, exist_ok=True)
     # The staging folder holds the files under their final names, so the data file's location
     # recorded inside the model is right after the rename; it is removed whatever happens.
-    with tempfile.TemporaryDirectory(prefix=f".{out.stem}.", suffix=".partial", dir=out.parent) as staging:
+    # (its name carries the PID: the next job on ``out`` removes it if this one is killed)
+    with tempfile.TemporaryDirectory(prefix=f".{out.stem}.{os.getpid()}-", suffix=".partial",
+                                     dir=out.parent) as staging:
         staged, staged_data = Path(staging) / out.name, Path(staging) / data_file.name
         raw = Path(staging) / "torch_export.onnx"  # beside it any external files torch writes
         torch.onnx.export(merged, (x[:1],), str(raw), dynamo=False, opset_version=OPSET,

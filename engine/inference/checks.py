@@ -16,7 +16,7 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 
-from engine.data.rasters import Grid, RasterStack
+from engine.data.rasters import Grid, RasterStack, check_writable
 from engine.protocol import EngineError, Reporter
 
 MAX_SIGMAS = 4.0  # a band mean this many training std away from the training mean is suspicious
@@ -26,7 +26,8 @@ _UNNAMED = re.compile(r"(band\s*\d+)?", re.IGNORECASE)  # no name, or a placehol
 
 
 def check_outputs(images, **outputs: str | os.PathLike | None) -> None:
-    """Refuse an output path that is an input image (or another output)."""
+    """Refuse an output path that is an input image (or another output), or that could not be
+    written (under a file, in a folder without write permission, an existing folder)."""
     seen = {Path(p).resolve(): f"an input image ({p})" for p in images}
     for option, path in outputs.items():
         if not path:
@@ -36,13 +37,15 @@ def check_outputs(images, **outputs: str | os.PathLike | None) -> None:
             raise EngineError(f"--{option} {path} is {seen[resolved]}: writing it would destroy it",
                               hint=f"give --{option} a new file name")
         seen[resolved] = f"the --{option} output"
+        check_writable(path, f"--{option}")
 
 
 def check_image(stack: RasterStack, card: dict, reporter: Reporter) -> None:
     inp = card["input"]
     files = ", ".join(p.name for p in stack.paths)
     if stack.count != len(inp["bands"]):
-        raise EngineError(f"the model takes {len(inp['bands'])} bands, the image selection has {stack.count}",
+        raise EngineError(f"the model takes {len(inp['bands'])} bands, the image selection ({files}) has "
+                          f"{stack.count}",
                           hint="select the same bands as in training")
     _check_band_names(stack, inp["band_names"], files)
     source_dtype = inp.get("source_dtype")  # cards from before it was recorded have none
@@ -50,6 +53,8 @@ def check_image(stack: RasterStack, card: dict, reporter: Reporter) -> None:
         reporter.warning(f"the model was trained on {source_dtype} values, {files} holds {stack.dtype}: check "
                          "that the values mean the same (e.g. reflectance 0-1 vs 0-10000)")
     _check_values(stack, inp, files, reporter)
+    for warning in stack.value_warnings():
+        reporter.warning(warning)
     if "grid" in card:
         _check_pixel_size(stack.grid, card["grid"], files, reporter)
 

@@ -19,7 +19,7 @@ from engine.card import CARD_VERSION, WEIGHTS_FILE, write_card
 from engine.data.chips import band_statistics
 from engine.models.decoders import default_decoder
 from engine.data.labels import LabelMask, load_labels
-from engine.data.rasters import RasterStack, current_umask
+from engine.data.rasters import RasterStack, check_writable, current_umask
 from engine import protocol
 from engine.protocol import EngineError, Reporter
 from engine.tuning import METHODS, TuningConfig
@@ -165,24 +165,40 @@ def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
     where they are and image pixels only under them, so a few polygons on a huge mosaic cost
     memory for the polygons, not for the mosaic."""
     from engine.data.chips import choose_chip_size, crop_positions, training_split
-    from engine.training.data import ChipDataset, ChipSource, RandomCrops, labelled_windows
 
     reporter.progress("prepare", 1, 4, "reading image and labels")
     with RasterStack(cfg.images, cfg.bands) as stack:
+        files = ", ".join(p.name for p in stack.paths)
+        side = min(stack.grid.width, stack.grid.height)
+        smallest = cfg.chip_size or 2 * spec.patch_size
+        if side < smallest:
+            raise EngineError(f"image {files} is {stack.grid.width} x {stack.grid.height} px, smaller than one "
+                              f"{smallest} px training chip", hint=f"train on a larger image (at least {smallest} x "
+                              f"{smallest} px)" + (f", or a smaller --chip-size (a multiple of {spec.patch_size}, "
+                                                   f"at least {2 * spec.patch_size})" if cfg.chip_size else ""))
         stack.check_has_data()
+        for warning in stack.value_warnings():
+            reporter.warning(warning)
         band_names = _band_names(stack, cfg.band_names, spec, reporter)
-        labels = load_labels(cfg.labels, stack.grid, cfg.label_field, cfg.ignore_index, cfg.classes)
+        labels = load_labels(cfg.labels, stack.grid, cfg.label_field, cfg.ignore_index, cfg.classes, reporter)
         if len(labels.classes) < 2:
             raise EngineError(f"labels {Path(cfg.labels).name} hold only one class "
                               f"({labels.classes[0]['name']})", hint="label at least two classes")
+        _check_classes(labels.classes, cfg.classes, Path(cfg.labels).name)
         chip = cfg.chip_size
         if chip is None:
             chip, why = choose_chip_size(labels, spec.patch_size)
+            if chip > side:  # labels spanning an image smaller than the usual smallest chip
+                chip = side // spec.patch_size * spec.patch_size
+                why = f"chip size {chip} px: the image is only {side} px across (set --chip-size to override)"
             reporter.info(why)
         reporter.progress("prepare", 2, 4, "spatial split and normalisation statistics")
         train_target, val_target = training_split(labels, chip, cfg.val_fraction, cfg.seed)
         mean, std = band_statistics(stack, train_target)
         grid, band_indices, source_dtype = stack.grid, stack.band_indices, str(np.dtype(stack.dtype))
+
+    # Lightning (seconds to import): only once the inputs have passed their checks
+    from engine.training.data import ChipDataset, ChipSource, RandomCrops, labelled_windows
 
     step = max(1, chip // 16)
     positions = crop_positions(train_target, val_target, chip, step)
@@ -206,6 +222,23 @@ def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
                         source_dtype, chip, train_set, val_set, weights, per_epoch)
 
 
+def _check_classes(found: list[dict], given: list[dict] | None, labels: str) -> None:
+    """Refuse label classes that ``--classes`` does not list (a value, or a text class name)."""
+    if not given:
+        return
+    named = {int(c["value"]): c["name"] for c in given}
+    # a value missing from the list; or a text class (a name of its own) the list does not name
+    extra = [c for c in found if int(c["value"]) not in named or
+             (c["name"] not in named.values() and c["name"] != f"class {c['value']}")]
+    if extra:
+        # a value has the placeholder name "class V"; a text class its own name
+        shown = ", ".join(str(c["value"]) if c["name"] == f"class {c['value']}" else repr(c["name"]) for c in extra)
+        listed = ", ".join(f"{v} {n}" for v, n in named.items())
+        raise EngineError(f"labels {labels} hold class(es) {shown} not in --classes ({listed})",
+                          hint="add them to --classes, or mark them as no label (--ignore-index, or the label "
+                               "raster's nodata)")
+
+
 def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str | os.PathLike | None = None) -> dict:
     """Train and write the model folder ``cfg.out``. Returns the summary of the ``done`` event.
     ``resume``: the model folder of a cancelled run to continue (``cfg``: that run's, see
@@ -219,9 +252,14 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
         raise EngineError(f"unknown tuning method {cfg.tuning.method!r}",
                           hint=f"choose one of: auto, {', '.join(METHODS)}")
     out = Path(cfg.out)
+    for kind, inputs in (("an input image", cfg.images), ("the labels", [cfg.labels])):
+        if any(out.resolve() == Path(p).resolve() for p in inputs):
+            raise EngineError(f"--out {out} is {kind} ({out.name}): writing the model there would destroy it",
+                              hint="give --out a new folder name")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "card.json").exists())):
         raise EngineError(f"output folder {out} exists and is not a GeoPEFT model",
                           hint="choose a new or empty --out folder (an earlier model folder is replaced)")
+    check_writable(out, "--out", folder=True)
     if not 0 <= cfg.val_fraction < 1:
         raise EngineError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
     from engine.training import resume as resuming
@@ -362,7 +400,8 @@ def _write_model_folder(out: Path, state: dict, card: dict, extra: dict | None =
     from engine.models.checkpoints import sha256_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # hidden, with the PID: the next job on ``out`` removes it if this one is killed (engine.reliability)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-", suffix=".partial", dir=out.parent))
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
         save_file(state, str(tmp / WEIGHTS_FILE))
