@@ -5,7 +5,8 @@ on one bad input. A refusal must exit with status 2, send one ``error`` event wh
 the offending file (by name) with a hint saying what to do, and leave nothing at the output path
 (no file, no folder, no hidden partial beside it). Inputs the engine can handle (NaN pixels,
 saturated pixels, a raster smaller than a tile, labels in another CRS, invalid polygons among
-valid ones) must work, with a warning where the user should know.
+valid ones) must work, with a warning where the user should know. ``GEOPEFT_SHOW_FAULTS=1 pytest -s``
+prints every message and warning the tests see.
 
 CASE                                     WHAT THE USER SEES
 ---------------------------------------  -------------------------------------------------------------
@@ -64,7 +65,11 @@ train --out = an input image             --out …/scene.tif is an input image (
                                          there would destroy it — hint: give --out a new folder name
 evaluate --out = the prediction          --out …/prediction.tif is the prediction (prediction.tif): writing the
                                          metrics there would destroy it — hint: give --out a new file name
---out under a file (train / predict)     cannot write --out …/notes.txt/model: notes.txt (…) is a file, not a
+--out under a file (train / predict)     today the CLI's output guard (engine.reliability) answers first:
+                                         the output folder …/notes.txt was removed while writing
+                                         …/notes.txt/model: nothing was written — hint: choose an output in
+                                         an existing folder and run again. Without it (API callers):
+                                         cannot write --out …/notes.txt/model: notes.txt (…) is a file, not a
                                          folder — hint: choose --out in a folder (not under the file notes.txt)
 --out in a read-only folder (not root)   cannot write --out …: the folder …/readonly is not writable
                                          hint: choose a folder you can write to, or change its permissions
