@@ -14,6 +14,13 @@ import traceback
 from engine.protocol import (EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_USER_ERROR, EngineError, Reporter)
 
 
+def _trust(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help=f"load {what} even when it holds pickled Python objects besides tensors (e.g. an "
+                   "argparse.Namespace): unpickling runs code from the file, so only for files from a source you "
+                   "trust. Without it such files are refused and nothing in them runs")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", choices=["human", "jsonl"], default="human",
                    help="jsonl: one JSON event per stdout line (for the QGIS plugin); human: progress on stderr")
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the cancelled run whose model folder is DIR (it holds "
                    "resume.ckpt) with the arguments it started with: leave the others out (only --device and "
                    "--workers may change). --image, --labels and --out are required otherwise")
+    _trust(t, "the --weights file")
     _common(t)
 
     p = sub.add_parser("predict", help="predict a class raster, tile by tile", formatter_class=fmt)
@@ -105,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machines predicting together (Lightning's environment variables; the output's folder "
                    "must be shared)")
     p.add_argument("--strategy", default="auto", help="with several processes: ddp (auto means ddp)")
+    _trust(p, "the backbone checkpoint a model folder was trained on")
     _common(p)
 
     e = sub.add_parser("export", help="merge adapters and export the model to ONNX", formatter_class=fmt)
@@ -129,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true",
                    help="with --profile deepness: export a model not trained on uint8 pixels; with --quantize or "
                    "--fp16: keep an int8/fp16 model below 98%% agreement (with a warning)")
+    _trust(e, "the backbone checkpoint the model was trained on")
     _common(e)
 
     v = sub.add_parser("evaluate", help="score a prediction against labels", formatter_class=fmt)
@@ -176,7 +186,7 @@ def cmd_train(a, reporter: Reporter) -> dict:
         chip_size=a.chip_size, epochs=a.epochs, max_time=a.max_time,
         batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, device=a.device,
         precision=a.precision, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,
-        seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers)
+        seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers, trust_checkpoint=a.trust_checkpoint)
     if a.resume:
         from engine.training.resume import given_options, resumed_config
         cfg = resumed_config(a.resume, cfg, given_options(getattr(a, "argv", sys.argv[1:])))
@@ -194,7 +204,8 @@ def cmd_predict(a, reporter: Reporter) -> dict:
                       polygons=a.polygons, min_area=a.min_area, simplify=a.simplify, batch_size=a.batch_size,
                       overlap=a.overlap, device=a.device, bands=parse_band_list(a.bands),
                       precision=a.precision, aoi=a.aoi, aoi_layer=a.aoi_layer, mask=a.mask, devices=a.devices,
-                      num_nodes=a.num_nodes, strategy=a.strategy, reporter=reporter)
+                      num_nodes=a.num_nodes, strategy=a.strategy, trust_checkpoint=a.trust_checkpoint,
+                      reporter=reporter)
     if reporter.mode == "human" and summary.get("out"):
         print(f"prediction written to {summary['out']} ({summary['tiles']} tiles in {summary['seconds']} s, "
               f"{summary['runner']} on {summary['device']}, {summary['precision']})")
@@ -206,7 +217,7 @@ def cmd_export(a, reporter: Reporter) -> dict:
 
     precision = "fp16" if a.fp16 else "bf16" if a.bf16 else None
     summary = export_onnx(a.model, a.out, reporter, profile=a.profile, force=a.force, quantize=a.quantize,
-                          precision=precision)
+                          precision=precision, trust_checkpoint=a.trust_checkpoint)
     if reporter.mode == "human":
         print(f"ONNX model{' for Deepness' if a.profile == 'deepness' else ''} written to {summary['out']}; "
               f"parity with PyTorch: max abs diff "

@@ -46,7 +46,8 @@ PROFILES = ("geopeft", "deepness")
 
 def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: Reporter | None = None,
                 seed: int = 0, single_file_max_bytes: int = SINGLE_FILE_MAX_BYTES, profile: str = "geopeft",
-                force: bool = False, quantize: str | None = None, precision: str | None = None) -> dict:
+                force: bool = False, quantize: str | None = None, precision: str | None = None,
+                trust_checkpoint: bool = False) -> dict:
     """``profile``: ``geopeft`` (normalised input, for GeoPEFT's predict) or ``deepness``;
     ``quantize``: ``int8`` (dynamic) or ``int8-static`` for an int8 model (geopeft profile);
     ``precision``: ``fp16`` for a float16 model with float32 input/output (geopeft profile, not
@@ -86,7 +87,7 @@ def export_onnx(model_dir: str | os.PathLike, out: str | os.PathLike, reporter: 
         deepness.check_source_dtype(card, force, reporter)
     steps = 5 if quantize or fp16 else 4
     reporter.progress("export", 1, steps, "loading the trained model")
-    trained = Probabilities(load_trained_model(card, folder, reporter)).eval()
+    trained = Probabilities(load_trained_model(card, folder, reporter, trust_checkpoint)).eval()
     merged = merge(copy.deepcopy(trained)).eval()
     c, s = len(card["input"]["bands"]), int(card["chip_size"])
     rng = np.random.default_rng(seed)

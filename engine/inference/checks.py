@@ -125,3 +125,35 @@ def _check_pixel_size(grid: Grid, trained: dict, files: str, reporter: Reporter)
         reporter.warning(f"{files}: pixel size {here:.3g} {unit} here vs {before:.3g} {unit} in training{roughly} "
                          f"({max(ratio, 1 / ratio):.2g}× {'coarser' if ratio > 1 else 'finer'}): the model sees "
                          "objects at another scale; resample the image to the training pixel size")
+
+
+def check_band_count(images, bands: list[int] | None, card: dict) -> None:
+    """Before the stack is opened without ``--bands``: images with fewer bands than the model's
+    band selection reaches (a 4-band raster for a 6-band model), explained in the model's terms.
+    Unreadable images are left to ``RasterStack``, which names them."""
+    if bands:
+        return  # --bands given: check_image compares the counts
+    import rasterio
+
+    total = 0
+    for path in images:
+        try:
+            with rasterio.open(path) as ds:
+                total += ds.count
+        except Exception:  # noqa: BLE001 - reported by RasterStack
+            return
+    inp = card["input"]
+    wanted = inp["bands"]
+    if max(wanted) <= total:
+        return
+    files = ", ".join(Path(p).name for p in images)
+    names = ", ".join(n or f"band {b}" for n, b in zip(inp["band_names"], wanted))
+    if total >= len(wanted):
+        hint = (f"select the model's {len(wanted)} bands ({names}) of {files} in training order with --bands, "
+                f"e.g. --bands {','.join(str(i) for i in range(1, len(wanted) + 1))} if they are its first ones")
+    else:
+        hint = (f"predict on imagery with all {len(wanted)} of the model's bands ({names}): add the missing "
+                f"{len(wanted) - total} (rasters on the same grid given as more --image are stacked), then select "
+                f"them in training order with --bands; or train a model on the {total} band(s) you have")
+    raise EngineError(f"{files} has {total} band(s), the model takes {len(wanted)} (bands "
+                      f"{','.join(map(str, wanted))} of the training images: {names})", hint=hint)

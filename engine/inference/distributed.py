@@ -282,7 +282,8 @@ class _BlockPredictor(L.LightningModule):
         model = self.job.model
         onnx = model.lower().endswith(".onnx")
         if device.type == "cuda":
-            runner = load_runner(model, "gpu" if onnx else f"cuda:{device.index}", Reporter("quiet"), self._precision)
+            runner = load_runner(model, "gpu" if onnx else f"cuda:{device.index}", Reporter("quiet"), self._precision,
+                                 trust_checkpoint=self.job.trust_checkpoint)
             if onnx and runner.device != "cpu" and device.index:  # onnxruntime: GPU 0 unless told
                 providers = runner.session.get_providers()
                 runner.session.set_providers(providers, [{"device_id": str(device.index)} if p != "CPUExecutionProvider"

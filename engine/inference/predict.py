@@ -41,7 +41,7 @@ from rasterio.windows import Window
 from engine.data.chips import blend_weights, normalise, tile_starts
 from engine.data.rasters import RasterStack, atomic_output, block_cache, colormap
 from engine.inference.aoi import load_region
-from engine.inference.checks import check_image, check_outputs
+from engine.inference.checks import check_band_count, check_image, check_outputs
 from engine.inference.outputs import (POLYGON_LAYER, UNCERTAINTY_NODATA, _PolygonsCancelled, check_output_options,
                                       style_path, to_cog, uncertainty_uint8, write_polygons, write_style)
 from engine.inference.runners import load_runner
@@ -68,7 +68,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                    device: str = "auto", bands: list[int] | None = None, precision: str = "auto",
                    aoi: str | os.PathLike | None = None, aoi_layer: str | None = None,
                    mask: str | os.PathLike | None = None, devices: int | str = 1, num_nodes: int = 1,
-                   strategy: str = "auto", reporter: Reporter | None = None) -> dict:
+                   strategy: str = "auto", trust_checkpoint: bool = False, reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
     check_output_options(polygons, min_area, simplify)
@@ -84,7 +84,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                               hint="install the engine's full environment, or predict with --devices 1") from None
         plan = distributed.plan_processes(device, devices, num_nodes, strategy)
     # Several processes: this runner serves the checks; each process loads its own (its device, its cores).
-    runner = load_runner(model, "cpu" if plan else device, reporter, precision)
+    runner = load_runner(model, "cpu" if plan else device, reporter, precision, trust_checkpoint=trust_checkpoint)
     card = runner.card
     classes = card["classes"]
     size = int(card["chip_size"])
@@ -95,9 +95,10 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
     inp = card["input"]
     job = Job(model=str(model), classes=classes, values=np.array([c["value"] for c in classes]),
               dtype_nodata=output_dtype(classes), size=size, overlap=overlap, batch_size=batch_size,
-              mean=inp["mean"], std=inp["std"])
+              mean=inp["mean"], std=inp["std"], trust_checkpoint=trust_checkpoint)
     polygon_summary = None
     processes = 1
+    check_band_count(images, bands, card)
     with RasterStack(images, bands or inp["bands"]) as stack, contextlib.ExitStack() as inputs:
         # GDAL's block cache sized for strips: flat memory however large the raster
         # (a strip touches at most two 256-row blocks besides its own rows)
@@ -185,6 +186,7 @@ class Job:
     batch_size: int
     mean: list[float]
     std: list[float]
+    trust_checkpoint: bool = False  # --trust-checkpoint: each process loads the model with it
 
     @property
     def dtype(self) -> str:
@@ -421,7 +423,8 @@ def predict(model, images, out, **kwargs) -> dict:
     .onnx file) into the GeoTIFF ``out`` (cloud-optimised, with a QGIS style ``out.qml`` beside
     it). Keyword options: ``probabilities``, ``uncertainty`` (GeoTIFF paths), ``polygons``
     (GeoPackage path) with ``min_area`` and ``simplify`` (CRS units), ``batch_size``, ``overlap``
-    (pixels), ``device``, ``bands``, ``precision``, ``aoi`` (``minx,miny,maxx,maxy`` in the image's
+    (pixels), ``device``, ``bands``, ``precision``, ``trust_checkpoint`` (a model folder's backbone
+    checkpoint may be unpickled: see ``engine.models.checkpoints``), ``aoi`` (``minx,miny,maxx,maxy`` in the image's
     CRS, ``…@EPSG:code`` in another, or a polygon vector file) with ``aoi_layer``, ``mask`` (a
     raster on the image's grid, non-zero = predict), ``reporter``.
     ``devices`` × ``num_nodes`` > 1 (``strategy`` auto or ddp) predicts in that many processes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.card import read_card, validate_card
+from engine.card import CARD_FILE, read_card, validate_card
 from engine.protocol import EngineError, Reporter
 
 ONNX_CARD_KEY = "geopeft_card"
@@ -106,15 +106,26 @@ class OnnxRunner:
             with contextlib.redirect_stdout(sys.stderr):
                 self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
-            raise EngineError(f"cannot load ONNX model {path}: {exc}",
-                              hint=f"a model exported with its weights in {path.name}.data needs that file "
-                                   "beside it; else export the model again") from None
+            raise EngineError(f"cannot load ONNX model {path.name}: the file is corrupt, truncated or not an ONNX "
+                              f"model ({path.stat().st_size:,} bytes; {str(exc).strip()[:300]})",
+                              hint=f"export the model again (python -m engine export); a model exported with its "
+                                   f"weights in {path.name}.data needs that file beside it") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if ONNX_CARD_KEY not in meta:
             raise EngineError(f"{path.name} has no GeoPEFT model card in its metadata",
                               hint="export the model with 'python -m engine export'")
-        self.card = validate_card(json.loads(meta[ONNX_CARD_KEY]), f"model card in {path.name}")
+        try:
+            card = json.loads(meta[ONNX_CARD_KEY])
+        except ValueError as exc:
+            raise EngineError(f"the model card in {path.name} is not valid JSON ({exc})",
+                              hint="export the model again") from None
+        self.card = validate_card(card, f"model card in {path.name}")
         self.input_name = self.session.get_inputs()[0].name
+        channels = self.session.get_inputs()[0].shape[1:2]
+        bands = len(self.card["input"]["bands"])
+        if channels and isinstance(channels[0], int) and channels[0] != bands:
+            raise EngineError(f"{path.name} takes {channels[0]} bands but its model card lists {bands}: the card "
+                              "does not belong to this network", hint="export the model again")
         self.provider = self.session.get_providers()[0]
         if device in ("gpu", "cuda") and self.provider not in GPU_PROVIDERS:
             raise EngineError(f"--device gpu was asked for but onnxruntime could not start {providers[0]} here",
@@ -134,7 +145,9 @@ class TorchRunner:
     fp32; ``32`` always fp32; ``bf16`` always bf16 autocast."""
 
     def __init__(self, model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", trust_checkpoint: bool = False):
+        self.card, folder = read_card(model)  # a bad card is refused before torch is imported
+
         import torch
 
         from engine.models.compat import fast_bf16_cpu
@@ -142,14 +155,14 @@ class TorchRunner:
         from engine.models.segmentor import Probabilities
         from engine.tuning import merge
 
-        self.card, folder = read_card(model)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "gpu":
             device = "cuda"
         self.device = torch.device(device)
         # Merged adapters and fused q/k/v: the same outputs (see export's parity check), faster.
-        self.model = Probabilities(merge(load_trained_model(self.card, folder, reporter or Reporter("quiet"))))
+        self.model = Probabilities(merge(load_trained_model(self.card, folder, reporter or Reporter("quiet"),
+                                                            trust_checkpoint)))
         self.model.eval().to(self.device)
         self._torch = torch
         if precision not in ("auto", "32", "bf16"):
@@ -165,22 +178,33 @@ class TorchRunner:
 
 
 def load_runner(model: str | os.PathLike, device: str = "auto", reporter: Reporter | None = None,
-                precision: str = "auto"):
+                precision: str = "auto", trust_checkpoint: bool = False):
+    """``trust_checkpoint``: a model folder's backbone checkpoint may be unpickled (--trust-checkpoint)."""
     if str(model).lower().endswith(".onnx"):
         return OnnxRunner(model, device)  # fp32, fp16 or int8, as exported
-    return TorchRunner(model, device, reporter, precision)
+    return TorchRunner(model, device, reporter, precision, trust_checkpoint)
 
 
-def load_trained_model(card: dict, folder: Path, reporter: Reporter):
+def load_trained_model(card: dict, folder: Path, reporter: Reporter, trust_checkpoint: bool = False):
     """Rebuild the trained Segmentor from its card: backbone weights (referenced by path and
-    checked by hash), adapters injected, then the trained tensors loaded."""
+    checked by hash; unpickled only with ``trust_checkpoint``), adapters injected, then the
+    trained tensors loaded (safetensors only: never unpickled)."""
     from safetensors.torch import load_file
 
     from engine.models.checkpoints import load_backbone_weights, resolve_weights, sha256_file
-    from engine.models.registry import get_backbone_spec
+    from engine.models.decoders import DECODERS
+    from engine.models.registry import BACKBONES, get_backbone_spec
     from engine.models.segmentor import build_segmentor
-    from engine.tuning import TuningConfig, apply_tuning
+    from engine.tuning import METHODS, TuningConfig, apply_tuning
 
+    card_file = folder / CARD_FILE
+    # names the card's schema cannot check (the registries import torch)
+    for what, value, known in (("backbone", card["backbone"]["name"], BACKBONES), ("decoder", card["decoder"], DECODERS),
+                               ("tuning method", card["tuning"]["method"], METHODS)):
+        if value not in known:
+            raise EngineError(f"model card {card_file}: unknown {what} {value!r} (this engine knows: "
+                              f"{', '.join(known)})", hint="the card was written by another GeoPEFT version or "
+                                                           "edited by hand: update GeoPEFT, or train the model again")
     spec = get_backbone_spec(card["backbone"]["name"])
     inp = card["input"]
     model = build_segmentor(spec, len(inp["bands"]), card["chip_size"], len(card["classes"]), card["decoder"])
@@ -196,15 +220,26 @@ def load_trained_model(card: dict, folder: Path, reporter: Reporter):
         if weights.get("sha256") and sha256_file(path) != weights["sha256"]:
             raise EngineError(f"backbone weights {path} differ from those the model was trained on (sha256)",
                               hint="use the same checkpoint file as in training")
-        load_backbone_weights(model.encoder, spec, path, inp["band_names"], Reporter("quiet"))
+        load_backbone_weights(model.encoder, spec, path, inp["band_names"], Reporter("quiet"), trust=trust_checkpoint)
     apply_tuning(model, TuningConfig(**card["tuning"]))
     weights_file = folder / card.get("files", {}).get("weights", "adapter.safetensors")
     if not weights_file.is_file():
-        raise EngineError(f"trained weights missing: {weights_file}", hint="train the model again")
+        raise EngineError(f"trained weights {weights_file.name} missing from the model folder {folder} (its card.json "
+                          "names them)", hint="copy the whole model folder (card.json and its weights file) again, "
+                                              "or train the model again")
     try:
         state = load_file(str(weights_file))
-    except Exception as exc:  # noqa: BLE001
-        raise EngineError(f"cannot read trained weights {weights_file}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        with open(weights_file, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+            raise EngineError(f"trained weights {weights_file.name} are a pickled PyTorch file (torch.save), not "
+                              "safetensors: a model folder's weights are never unpickled (that would run code from "
+                              "the file)", hint="train the model again with this engine (it writes "
+                                                "adapter.safetensors)") from None
+        raise EngineError(f"cannot read trained weights {weights_file.name}: not a whole safetensors file "
+                          f"({type(exc).__name__}: {str(exc)[:200]})",
+                          hint="copy the model folder again (the file is truncated or damaged), or train again") from None
     result = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing_trained = sorted(set(result.missing_keys) & trainable)

@@ -1,7 +1,7 @@
 """Loading published backbone weights into an encoder.
 
 Sources: a local file (``.pt``/``.pth`` plain state dict, loaded with ``weights_only=True``, or
-``.safetensors``), the Hugging Face hub (``hub``: must work; ``auto``: when reachable, else
+``.safetensors``; a file that needs full unpickling only with ``--trust-checkpoint``), the Hugging Face hub (``hub``: must work; ``auto``: when reachable, else
 random weights with a loud warning) or ``none`` (random weights, loudly).
 
 Prithvi files hold the full MAE (``encoder.``/``decoder.`` prefixes, or the legacy flat
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +69,7 @@ def resolve_weights(spec: BackboneSpec, weights: str | None, reporter: Reporter)
         return path
     path = Path(weights)
     if not path.is_file():
-        raise EngineError(f"weights file not found: {path}",
+        raise EngineError(f"weights file {path.name} not found ({path})",
                           hint="pass a local checkpoint file, 'auto', 'hub' or 'none'")
     return path
 
@@ -106,25 +108,93 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a checkpoint file; a clear error for anything else."""
+# What --trust-checkpoint is for: a checkpoint saved with Python objects besides tensors (an
+# argparse.Namespace of training options, a custom class) can only be read by unpickling, and
+# unpickling runs whatever code the file names. Without the flag such files are refused before
+# anything in them runs (torch's weights_only loader, which allows tensors and plain containers).
+TRUST_FLAG = "--trust-checkpoint"
+
+
+def _pickle_globals(message: str) -> list[str]:
+    """The Python names a refused pickle asked for, from torch's weights_only message."""
+    return list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", message)))
+
+
+def read_state_dict(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors from a checkpoint file; a clear error for anything else.
+
+    ``.safetensors`` files are read as such; other files with torch's ``weights_only`` loader
+    (tensors and plain containers only), or, with ``trust``, unpickled in full."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"checkpoint {path.name} not found ({path})",
+                          hint="pass a local checkpoint file, 'auto', 'hub' or 'none'")
+    size = path.stat().st_size
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        names = _pickle_globals(str(exc))
+        # torch's weights_only loader refusing objects (a GLOBAL, or "Can only build/create …"), as
+        # opposed to bytes it cannot parse ("Unsupported operand": a damaged file, most likely)
+        if not trust and (names or "Can only" in str(exc)):
+            objects = f" ({', '.join(names[:4])})" if names else ""
+            raise EngineError(f"checkpoint {path.name} holds pickled Python objects{objects}, not only tensors: "
+                              "reading it would run code from the file, so it was not loaded",
+                              hint=f"only if you trust where {path.name} comes from, pass {TRUST_FLAG} to load it "
+                                   "anyway; better, convert it to a .safetensors or plain state-dict file") from None
+        raise _unreadable(path, size, exc, maybe_pickle=not trust) from None
     except Exception as exc:  # noqa: BLE001 - pickle/zip/safetensors raise many kinds
-        raise EngineError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc)[:300]}",
-                          hint="the file is corrupt or not a PyTorch/safetensors state dict; download it again") from None
+        raise _unreadable(path, size, exc) from None
+    if isinstance(state, nn.Module):  # a whole pickled model (only with trust)
+        state = state.state_dict()
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # Lightning-style wrapper
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EngineError(f"checkpoint {path} is not a state dict of tensors",
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        what = (f"a {type(state).__name__}" if not isinstance(state, dict) else
+                "an empty dict" if not state else
+                f"a dict with keys {', '.join(list(map(str, state))[:5])}")
+        raise EngineError(f"checkpoint {path.name} is not a state dict of tensors (it holds {what})",
                           hint="pass the published backbone weights file (e.g. Prithvi_EO_V2_300M.pt)")
     return state
+
+
+def _unreadable(path: Path, size: int, exc: Exception, maybe_pickle: bool = False) -> EngineError:
+    text = str(exc).replace("Weights only load failed.", "").strip()
+    lines = [line for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    detail = f"{type(exc).__name__}: {lines[-1].strip().split('. ')[0][:200] if lines else ''}"
+    return EngineError(f"cannot read checkpoint {path.name}: the file is truncated or corrupt, or not a "
+                       f"PyTorch/safetensors checkpoint ({size:,} bytes; {detail})",
+                       hint=f"download {path.name} again (compare its size with the published one), or pass "
+                            "another checkpoint with --weights" +
+                            (f"; if the file is whole and from a source you trust, {TRUST_FLAG} reads it by "
+                             "full unpickling" if maybe_pickle else ""))
+
+
+def describe_checkpoint(state: dict[str, torch.Tensor]) -> str:
+    """What a state dict looks like, in a few words: for a mismatch message."""
+    keys = list(state)
+    params = sum(v.numel() for v in state.values())
+    text = (f"{len(keys)} tensors, {params / 1e6:.1f} M values, keys like "
+            f"{', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}")
+    patch = state.get("patch_embed.proj.weight")
+    blocks = {int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if patch is not None and blocks:
+        dim, depth = patch.shape[0], max(blocks) + 1
+        text += f"; a ViT encoder of width {dim}, {depth} blocks, {patch.shape[1]} input bands"
+        from engine.models.registry import BACKBONES
+        fits = [s.name for s in BACKBONES.values() if s.embed_dim == dim and s.depth == depth
+                and s.patch_size == patch.shape[-1]]
+        if fits:
+            text += f" (as {' / '.join(fits)})"
+    elif any(k.startswith(("layer1.", "conv1.")) for k in keys):
+        text += "; a ResNet-style CNN, not a Prithvi encoder"
+    return text
 
 
 def prithvi_encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,29 +237,36 @@ def adapt_patch_embedding(weight: torch.Tensor, pretrained_bands: tuple[str, ...
 
 
 def load_backbone_weights(encoder: nn.Module, spec: BackboneSpec, path: Path | None,
-                          band_names: list[str], reporter: Reporter) -> LoadedWeights:
+                          band_names: list[str], reporter: Reporter, trust: bool = False,
+                          state: dict[str, torch.Tensor] | None = None) -> LoadedWeights:
+    """``trust``: unpickle a checkpoint that holds more than tensors (``--trust-checkpoint``);
+    ``state``: the file's tensors when already read (``read_state_dict(path, trust)``)."""
     if path is None:
         return LoadedWeights("random")
-    state = prithvi_encoder_state(read_state_dict(path))
+    state = prithvi_encoder_state(read_state_dict(path, trust) if state is None else state)
     own = encoder.state_dict()
     key = "patch_embed.proj.weight"
     matched, fresh = {}, []
+    described = describe_checkpoint(state)  # before the patch embedding is adapted to the user's bands
     if key in state and key in own:
         w = state[key]
-        if w.shape[0] != own[key].shape[0] or w.shape[2:] != own[key].shape[2:]:
-            raise EngineError(f"checkpoint {path.name} does not fit backbone {spec.name}: patch embedding "
-                              f"{tuple(w.shape)} vs {tuple(own[key].shape)}",
-                              hint="pick the --backbone that matches the weights file")
-        state[key], matched, fresh = adapt_patch_embedding(w, spec.bands, band_names, own[key])
+        if w.ndim == own[key].ndim and w.shape[0] == own[key].shape[0] and w.shape[2:] == own[key].shape[2:]:
+            state[key], matched, fresh = adapt_patch_embedding(w, spec.bands, band_names, own[key])
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        detail = "; ".join(f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
-                           for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                               ("wrong shape", wrong)) if keys)
-        raise EngineError(f"checkpoint {path.name} does not match backbone {spec.name} ({detail})",
-                          hint="pick the --backbone that matches the weights file")
+        same = len(set(own) & set(state)) - len(wrong)
+        example = "; ".join(f"{label} e.g. {', '.join(keys[:3])}" for label, keys in
+                            (("missing", missing), ("unexpected", unexpected), ("other shape", wrong)) if keys)
+        if wrong:
+            k = wrong[0]
+            example += f" ({k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in {spec.name})"
+        raise EngineError(f"checkpoint {path.name} does not match backbone {spec.name}: {same} of {len(own)} "
+                          f"tensors match, {len(missing)} missing, {len(wrong)} with another shape, "
+                          f"{len(unexpected)} unexpected ({example}). The file holds {described}",
+                          hint=f"pass the weights of {spec.name} ({spec.hub_file or 'see python -m engine models'}), "
+                               "or pick the --backbone the file was made for")
     encoder.load_state_dict(state, strict=True)
     if matched:
         reporter.info("pretrained bands matched by name: " +

@@ -17,7 +17,7 @@ import numpy as np
 from engine import __version__
 from engine.card import CARD_VERSION, WEIGHTS_FILE, write_card
 from engine.data.chips import band_statistics
-from engine.models.decoders import default_decoder
+from engine.models.decoders import DECODERS, default_decoder
 from engine.data.labels import LabelMask, load_labels
 from engine.data.rasters import RasterStack, check_writable, current_umask
 from engine import protocol
@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     chips_per_epoch: int | None = None
     workers: int = 0
+    trust_checkpoint: bool = False  # unpickle a --weights file holding more than tensors (runs its code)
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -251,6 +252,8 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     if cfg.tuning.method not in ("auto", *METHODS):
         raise EngineError(f"unknown tuning method {cfg.tuning.method!r}",
                           hint=f"choose one of: auto, {', '.join(METHODS)}")
+    if cfg.decoder not in ("auto", *DECODERS):
+        raise EngineError(f"unknown decoder {cfg.decoder!r}", hint=f"choose one of: auto, {', '.join(DECODERS)}")
     out = Path(cfg.out)
     for kind, inputs in (("an input image", cfg.images), ("the labels", [cfg.labels])):
         if any(out.resolve() == Path(p).resolve() for p in inputs):
@@ -262,6 +265,10 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     check_writable(out, "--out", folder=True)
     if not 0 <= cfg.val_fraction < 1:
         raise EngineError(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
+    from engine.models.checkpoints import load_backbone_weights, read_state_dict, resolve_weights
+    # a missing, unreadable or untrusted checkpoint is refused before the data is read
+    weights_path = resolve_weights(spec, cfg.weights, reporter)
+    weights_state = read_state_dict(weights_path, cfg.trust_checkpoint) if weights_path else None
     from engine.training import resume as resuming
     resume_info, resume_from = resuming.read_resume(resume) if resume is not None else (None, None)
     data = prepare_data(cfg, spec, reporter)
@@ -275,7 +282,6 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from engine.models.checkpoints import load_backbone_weights, resolve_weights
     from engine.models.segmentor import build_segmentor
     from engine.training.task import (KeepBest, ProgressEvents, ResumeCheckpoints, SegmentationTask,
                                       TrainingCancelled)
@@ -288,12 +294,13 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     accelerator, precision = resolve_accelerator(cfg.device, cfg.precision)
-    weights_path = resolve_weights(spec, cfg.weights, reporter)
     method, lr = choose_method_and_lr(cfg.tuning.method, cfg.lr, pretrained=weights_path is not None,
                                       reporter=reporter)
     decoder = default_decoder(method) if cfg.decoder == "auto" else cfg.decoder
     model = build_segmentor(spec, len(data.band_indices), data.chip_size, len(data.classes), decoder)
-    loaded = load_backbone_weights(model.encoder, spec, weights_path, data.band_names, reporter)
+    loaded = load_backbone_weights(model.encoder, spec, weights_path, data.band_names, reporter,
+                                   trust=cfg.trust_checkpoint, state=weights_state)
+    del weights_state
     if weights_path is not None and cfg.weights in ("hub", "auto"):
         loaded.source = "hub"
     # Fresh band columns of the patch embedding must train and be saved with the model.
