@@ -7,7 +7,7 @@ SYSPY ?= /usr/bin/python3
 export QT_QPA_PLATFORM ?= offscreen
 APT_PKGS := qgis python3-qgis python3-venv
 
-.PHONY: install apt venv demo test test-all bench plugin qgis screenshots clean
+.PHONY: install apt venv demo test test-all check-setup bench plugin qgis screenshots clean
 
 install: apt $(VENV)/.install-stamp
 
@@ -38,6 +38,12 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -m ''
+
+# The plugin's "Set up engine…" for real (network, about 5 minutes; not in `make test`): its
+# commands into a fresh venv without system site-packages plus the engine's smoke test, and
+# its requirement set resolved to wheels for Linux/Windows/macOS × Python 3.10-3.13 (a table).
+check-setup: install
+	$(PY) -m pytest -m slow -s -q tests/plugin/test_engine_setup.py
 
 # TerraTorch runs side by side from a throwaway venv outside the checkout (made on first use, a
 # few minutes); `make bench TERRATORCH=` skips it.

@@ -7,8 +7,9 @@ Used by ``make plugin`` / ``make qgis`` (and the tests); not part of the install
         --engine-python "$PWD/.venv/bin/python"
 
 The zip holds one folder, ``geopeft/``: this plugin folder (without this file and caches) plus
-``geopeft/engine_src/`` with ``engine/``, ``pyproject.toml`` and ``constraints.txt`` — the
-source "Set up engine" pip-installs, and where the plugin loads ``engine/protocol.py`` from.
+``geopeft/engine_src/`` with ``engine/`` and ``pyproject.toml`` — the source "Set up engine"
+pip-installs (its dependencies: ``core/setup_engine.py``'s ``engine_requirements``), and where
+the plugin loads ``engine/protocol.py`` from.
 Run with any Python 3 (plain file copying; QSettings-compatible INI editing without Qt).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ PLUGIN_DIR = Path(__file__).resolve().parent
 REPO = PLUGIN_DIR.parent
 EXCLUDE_NAMES = {"__pycache__", ".pytest_cache", "packaging.py", ".DS_Store"}
 EXCLUDE_SUFFIXES = {".pyc", ".pyo", ".partial"}
-ENGINE_FILES = ("pyproject.toml", "constraints.txt", "README.md", "LICENSE")
+ENGINE_FILES = ("pyproject.toml", "README.md", "LICENSE")  # not constraints.txt: Debian pins
 
 
 def version() -> str:

@@ -6,6 +6,7 @@ from qgis.gui import QgsFileWidget, QgsMessageBar
 from qgis.PyQt.QtCore import QSize, pyqtSignal
 from qgis.PyQt.QtGui import QFont
 from qgis.PyQt.QtWidgets import (
+    QCheckBox,
     QDialog,
     QDialogButtonBox,
     QFormLayout,
@@ -116,9 +117,15 @@ class SetupDialog(QDialog):
         self.venv.setFilePath(str(setup_venv_dir(settings.profile_dir())))
         cform.addRow("Folder", self.venv)
         note = QLabel("Creates a separate Python environment and installs the engine with its "
-                      "dependencies (PyTorch etc., a few GB) from PyPI. QGIS's Python is untouched.")
+                      "dependencies (PyTorch's CPU build, GDAL inside rasterio, ONNX Runtime: about "
+                      "1.5 GB on disk) from PyPI. QGIS's Python is untouched.")
         note.setWordWrap(True)
         cform.addRow(note)
+        self.gpu = QCheckBox("For an NVIDIA GPU (CUDA builds: Linux, Windows; several GB more)")
+        self.gpu.setToolTip("Installs onnxruntime-gpu and PyPI's PyTorch, which on Linux brings "
+                            "the CUDA libraries (on Windows set GEOPEFT_TORCH_INDEX_URL to a "
+                            "CUDA index of PyTorch's). Without it everything runs on the CPU.")
+        cform.addRow(self.gpu)
         self.setup_button = QPushButton(icon("setup.svg"), "Set up engine")
         self.setup_button.clicked.connect(self.start_setup)
         cform.addRow("", self.setup_button)
@@ -200,7 +207,7 @@ class SetupDialog(QDialog):
         if self.task is not None:
             return None
         try:
-            steps = setup_steps(self.venv.filePath().strip())
+            steps = setup_steps(self.venv.filePath().strip(), gpu=self.gpu.isChecked())
         except SetupError as exc:
             self.bar.pushMessage("Cannot set up the engine", str(exc), Qgis.MessageLevel.Critical, 0)
             return None

@@ -123,11 +123,13 @@ def main(argv=None) -> int:
     setup.state.setText("GeoPEFT engine 0.1.0 is installed.")
     setup.venv.setFilePath("/home/analyst/.local/share/QGIS/QGIS3/profiles/default/geopeft-engine-venv")
     setup.progress.setValue(50)
-    setup.step_label.setText("Step 3/4: Installing the engine and its dependencies (large download: PyTorch)…")
-    for line in ("$ …/geopeft-engine-venv/bin/python -m pip install -c constraints.txt …/engine_src",
-                 "Processing …/engine_src", "Collecting torch>=2.4",
-                 "  Downloading torch-2.5.1-cp311-cp311-manylinux1_x86_64.whl (906 MB)",
-                 "Collecting peft>=0.13", "Collecting rasterio>=1.3.9"):
+    setup.step_label.setText("Step 4/6: Installing the engine's dependencies (large download: "
+                             "PyTorch, GDAL)…")
+    for line in ("$ …/geopeft-engine-venv/bin/python -m pip install --progress-bar off "
+                 "--only-binary :all: torch>=2.4 torchvision>=0.19 timm>=1.0 peft>=0.13 …",
+                 "Requirement already satisfied: torch>=2.4 (2.15.0+cpu)",
+                 "Collecting timm>=1.0", "Collecting peft>=0.13", "Collecting rasterio>=1.4",
+                 "  Downloading rasterio-1.5.2-cp312-cp312-manylinux_2_28_x86_64.whl"):
         setup.output.appendPlainText(line)
     grab(setup, "setup-dialog.png")
     app.exitQgis()

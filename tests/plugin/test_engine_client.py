@@ -116,12 +116,12 @@ def test_progress_mapping():
 
 def test_setup_steps_and_runner(tmp_path):
     from qgis_plugin.core.setup_engine import SetupError, SetupStep, run_steps, setup_steps
-    steps = setup_steps(tmp_path / "venv", python="/usr/bin/python3")
+    steps = setup_steps(tmp_path / "venv", python="/usr/bin/python3", environ={})
     assert steps[0].argv == ["/usr/bin/python3", "-m", "venv", str(tmp_path / "venv")]
-    install = steps[2].argv
+    install = steps[-2].argv  # the engine, after its dependencies (tests/plugin/test_engine_setup.py)
     assert install[:2] == [str(tmp_path / "venv" / "bin" / "python"), "-m"]
     assert install[-1] == str(Path(__file__).parents[2])  # the engine source: the repository
-    assert "-c" in install and install[install.index("-c") + 1].endswith("constraints.txt")
+    assert not [a for step in steps for a in step.argv if "constraints" in a]  # no Debian pins
     lines, seen = [], []
     ok = run_steps([SetupStep("a", [sys.executable, "-c", "print('hello')"])],
                    on_step=lambda i, s: seen.append(s.label), on_line=lines.append)

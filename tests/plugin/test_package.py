@@ -61,9 +61,9 @@ def test_zip_layout(tmp_path):
     assert all(n.startswith("geopeft/") for n in names)
     for required in ("geopeft/__init__.py", "geopeft/metadata.txt", "geopeft/plugin.py",
                      "geopeft/processing/provider.py", "geopeft/icons/geopeft.svg",
-                     "geopeft/engine_src/engine/protocol.py", "geopeft/engine_src/pyproject.toml",
-                     "geopeft/engine_src/constraints.txt"):
+                     "geopeft/engine_src/engine/protocol.py", "geopeft/engine_src/pyproject.toml"):
         assert required in names, required
+    assert "geopeft/engine_src/constraints.txt" not in names  # the dev venv's Debian pins
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert "geopeft/packaging.py" not in names
 
