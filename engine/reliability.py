@@ -21,8 +21,8 @@ What the CLI (``engine.cli.main``) does around every command with outputs:
   closed) cancels too (``Reporter.emit``).
 * **Out of memory, disk full.** ``explain_fault`` turns MemoryError, PyTorch's CPU/CUDA
   out-of-memory errors and ENOSPC/EDQUOT (also inside GDAL's messages) into user errors with
-  what to do: a smaller ``--batch-size`` (half the one that failed), or free space / another
-  output folder.
+  what to do: a smaller ``--batch-size`` (half the batch that failed: predict's batches hold at
+  most a strip's tiles), or free space / another output folder.
 """
 from __future__ import annotations
 
@@ -349,9 +349,15 @@ def explain_fault(exc: BaseException, args) -> EngineError | None:
         where = "GPU memory" if memory == "gpu" else "memory"
         verb = {"train": "training", "predict": "predicting", "export": "exporting"}.get(command, f"running {command}")
         doing = f" while {verb} {images}" if images else f" while {verb}"
-        if batch and batch > 1:
-            suggestion = max(1, batch // 2)
-            message = f"out of {where}{doing} with --batch-size {batch}: try --batch-size {suggestion}"
+        # a batch holds at most the tiles of a strip: halve the batch that failed
+        ran = next((e.geopeft_batch for e in _chain(exc) if isinstance(getattr(e, "geopeft_batch", None), int)), None)
+        if batch and ran and ran < batch:
+            batch_note = f" (batches of {ran} tiles here)"
+        else:
+            batch_note, ran = "", batch
+        if ran and ran > 1:
+            suggestion = max(1, ran // 2)
+            message = f"out of {where}{doing} with --batch-size {batch}{batch_note}: try --batch-size {suggestion}"
             hint = f"try --batch-size {suggestion} (or smaller)"
         else:
             message = f"out of {where}{doing}"

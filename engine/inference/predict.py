@@ -352,7 +352,12 @@ def predict_strips(stack: RasterStack, runner, mean, std, size: int, overlap: in
                 if cancelled():
                     raise _Cancelled
                 chunk = todo[b:b + batch_size]
-                probs = runner(np.stack([x[:, :, c:c + size] for c in chunk]))
+                try:
+                    probs = runner(np.stack([x[:, :, c:c + size] for c in chunk]))
+                except Exception as exc:  # the batch that failed: out-of-memory advice (engine.reliability)
+                    with contextlib.suppress(AttributeError):
+                        exc.geopeft_batch = len(chunk)
+                    raise
                 for c, p in zip(chunk, probs):
                     acc[:, :, c:c + size] += p * weights
                     wsum[:, c:c + size] += weights

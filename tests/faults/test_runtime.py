@@ -4,9 +4,10 @@
 case                       what the user sees
 =========================  ===================================================================
 out of memory (CPU)        exit 2, error OutOfMemory: "out of memory while predicting IMAGE
-                           with --batch-size 64: try --batch-size 32"; nothing at the output
+                           with --batch-size 64 (batches of 4 tiles here): try --batch-size 2"
+                           (half the batch that failed); nothing at the output
 out of memory (GPU)        exit 2, error OutOfMemory: "out of GPU memory while predicting IMAGE
-                           with --batch-size 8: try --batch-size 4" (hint: or --device cpu)
+                           with --batch-size 4: try --batch-size 2" (hint: or --device cpu)
 disk full                  exit 2, error DiskFull: "no space left on the disk of FOLDER
                            (writing OUT): free space or choose another output; nothing was
                            written"; no output, no partial file
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,7 +144,9 @@ def test_out_of_memory_on_cpu_says_which_batch_size_to_try(predict_args, tmp_pat
     error = error_of(result)
     assert result["_rc"] == 2 and result["ok"] is False
     assert error["error_type"] == "OutOfMemory"
-    assert "out of memory" in error["message"] and "try --batch-size 32" in error["message"]
+    # a 96 px raster has 4 tiles a strip: the batch that failed held 4, so half of that is advised
+    assert "out of memory" in error["message"]
+    assert "with --batch-size 64 (batches of 4 tiles here): try --batch-size 2" in error["message"]
     assert Path(args[4]).name in error["message"]  # the image
     assert "Traceback" not in result["_stderr"]
     assert_nothing_written(out.parent, out, out.with_name("p.tif"))
@@ -150,12 +154,12 @@ def test_out_of_memory_on_cpu_says_which_batch_size_to_try(predict_args, tmp_pat
 
 def test_out_of_gpu_memory_is_caught_the_same_way(predict_args, tmp_path):
     out, args = predict_args
-    result = run_patched(*args, "--batch-size", "8", patch=runner_patch(
+    result = run_patched(*args, "--batch-size", "4", patch=runner_patch(
         tmp_path / "mark", raise_='import torch; raise torch.cuda.OutOfMemoryError('
         '"CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.10 GiB total capacity)")'))
     error = error_of(result)
     assert result["_rc"] == 2 and error["error_type"] == "OutOfMemory"
-    assert "out of GPU memory" in error["message"] and "try --batch-size 4" in error["message"]
+    assert "out of GPU memory" in error["message"] and "with --batch-size 4: try --batch-size 2" in error["message"]
     assert "--device cpu" in error["hint"]
     assert_nothing_written(out.parent, out)
 
@@ -200,8 +204,9 @@ def test_a_real_allocation_failure_says_which_batch_size_to_try(tiny_model, tmp_
                          "--precision", "32", "--batch-size", "100000", patch=RLIMIT_PATCH.format(headroom=64 * 2**20))
     error = error_of(result)
     assert result["_rc"] == 2 and error["error_type"] == "OutOfMemory", result["_stderr"][-3000:]
-    assert "out of memory while predicting wide.tif" in error["message"]
-    assert "try --batch-size 50000" in error["message"]
+    assert "out of memory while predicting wide.tif with --batch-size 100000" in error["message"]
+    ran = int(re.search(r"batches of (\d+) tiles here", error["message"]).group(1))  # a strip's tiles
+    assert 1 < ran < 1000 and f"try --batch-size {ran // 2}" in error["message"]
     assert_nothing_written(out.parent, out)
 
 
