@@ -229,8 +229,8 @@ class OutputLock:
         self.release()
 
 
-def output_paths(args) -> list[Path]:
-    """The paths a parsed CLI command writes (its lock and leftover scope)."""
+def output_paths(args) -> list[tuple[str, Path]]:
+    """(option, absolute path) of what a parsed CLI command writes (its lock and leftover scope)."""
     command = getattr(args, "command", None)
     if command in ("train", "export", "evaluate", "demo-data"):
         names = ("out",)
@@ -238,21 +238,25 @@ def output_paths(args) -> list[Path]:
         names = ("out", "probabilities", "uncertainty", "polygons")
     else:
         return []
-    paths = []
+    found: dict[Path, str] = {}
     for name in names:
         value = getattr(args, name, None)
         if value:
-            path = Path(value)
-            if command == "demo-data":  # a folder of files: lock the folder's name
-                path = path.resolve()
-            paths.append(Path(os.path.abspath(path)))
-    return list(dict.fromkeys(paths))
+            found.setdefault(Path(os.path.abspath(value)), f"--{name}")
+    return [(option, path) for path, option in found.items()]
 
 
 @contextlib.contextmanager
-def guard_outputs(paths: Iterable[Path], command: str, reporter: Reporter) -> Iterator[None]:
-    """Lock every output path (refusing at once when another job holds one), remove the
-    leftovers of killed jobs beside them, run the body, then release the locks."""
+def guard_outputs(outputs: Iterable[tuple[str, Path]], command: str, reporter: Reporter) -> Iterator[None]:
+    """Refuse outputs that cannot be written (under a file, in a read-only folder), lock every
+    output path (refusing at once when another job holds one), remove the leftovers of killed
+    jobs beside them, run the body, then release the locks."""
+    from engine.data.rasters import check_writable
+
+    outputs = list(outputs)
+    for option, path in outputs:  # before the lock, which would have to create the folders
+        check_writable(path, option, folder=command in ("train", "demo-data"))
+    paths = [path for _, path in outputs]
     with contextlib.ExitStack() as stack:
         for path in sorted(set(paths)):  # a fixed order: two jobs never wait on each other
             stack.enter_context(OutputLock(path, command, reporter))
@@ -380,7 +384,7 @@ def explain_fault(exc: BaseException, args) -> EngineError | None:
                                   f"choose another output; nothing was written",
                                   hint="free space on that disk, or choose an output folder on another disk"),
                       "DiskFull")
-    if out and command != "demo" and not Path(out).absolute().parent.is_dir():
+    if out and command != "demo" and not Path(out).absolute().parent.exists():
         folder = Path(out).absolute().parent
         return _typed(EngineError(f"the output folder {folder} was removed while writing {out}: nothing was "
                                   f"written", hint="choose an output in an existing folder and run again"),
