@@ -12,7 +12,8 @@ What the CLI (``engine.cli.main``) does around every command with outputs:
   under hidden names carrying the writer's PID (``.<stem>.<pid>-<random>.partial…``; a model
   folder ``.<name>.<pid>-<random>.partial``) and renamed into place only when complete, so a
   killed job never leaves something that looks like a valid output. The next job writing the
-  same output (holding its lock) removes those whose PID no longer runs and says so.
+  same output (holding its lock) removes those whose PID no longer runs and says so, and the
+  work folder of a multi-process predict (``.<name>.geopeft-….parts``: its job held the lock).
 * **The parent is gone.** With ``--events jsonl`` a watchdog thread notices when the process
   that started the engine dies (QGIS closing or crashing): on Linux/macOS the parent PID changes
   (the orphan is re-parented), on Windows (no re-parenting) the original parent's PID stops
@@ -101,7 +102,10 @@ def clean_leftovers(path: str | os.PathLike, reporter: Reporter | None = None) -
         return removed
     for item in siblings:
         pid = _leftover_pid(item.name, path)
-        if pid is None or pid == os.getpid() or pid_alive(pid):
+        # a multi-process predict's work folder (engine.inference.distributed) has no PID in its
+        # name, but its job held this output's lock: under the lock, no running job owns it
+        parts = re.match(rf"^\.{re.escape(path.name)}\.geopeft-[^/]*\.parts$", item.name) is not None
+        if not parts and (pid is None or pid == os.getpid() or pid_alive(pid)):
             continue
         try:
             if item.name.endswith(f".old-{pid}") and not path.exists():
@@ -118,9 +122,10 @@ def clean_leftovers(path: str | os.PathLike, reporter: Reporter | None = None) -
             if reporter:
                 reporter.info(f"could not remove {item} left by an interrupted job (PID {pid}): {exc}")
     if removed and reporter:
+        pids = sorted({str(pid) for pid in (_leftover_pid(p.name, path) for p in removed) if pid is not None})
+        whose = f"PID {', '.join(pids)} no longer running" if pids else "no running job holds its lock"
         reporter.info(f"removed {len(removed)} temporary file(s) beside {path} left by an interrupted job "
-                      f"(PID {', '.join(sorted({str(_leftover_pid(p.name, path)) for p in removed}))} "
-                      f"no longer running): {', '.join(p.name for p in removed)}")
+                      f"({whose}): {', '.join(p.name for p in removed)}")
     return removed
 
 

@@ -16,7 +16,8 @@ SIGKILL mid-train          no folder at --out (the model is written in a hidden
                            on that output removes it and says so on stderr ("removed … left by
                            an interrupted job (PID …)", "took over the lock …")
 SIGKILL mid-predict        no output; the next predict on that output removes the hidden
-                           ``.STEM.PID-….partial…`` files and says so
+                           ``.STEM.PID-….partial…`` files (and a multi-process predict's
+                           ``.NAME.geopeft-….parts`` folder) and says so
 cancel (SIGTERM)           honoured before the next batch: done(cancelled), exit 0, within a
                            few seconds, far below the plugin's grace period (30 s) before kill
 second SIGTERM             stops at once, even inside a long batch: done(ok false, cancelled),
@@ -319,6 +320,9 @@ def test_sigkill_mid_predict_leaves_partials_that_the_next_predict_removes(predi
     left = leftovers(out.parent)
     assert any(name.startswith(f".classes.{proc.pid}-") and ".partial" in name for name in left), left
     assert ".classes.tif.geopeft-lock" in left
+    parts = out.parent / ".classes.tif.geopeft-k1ll3d.parts"  # as a killed predict --devices 2 leaves
+    parts.mkdir()
+    (parts / "rank0.tif").write_bytes(b"II*")
 
     again = run_engine(*args, "--probabilities", probs)
     assert out.exists() and probs.exists()
