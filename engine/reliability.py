@@ -14,6 +14,8 @@ What the CLI (``engine.cli.main``) does around every command with outputs:
   killed job never leaves something that looks like a valid output. The next job writing the
   same output (holding its lock) removes those whose PID no longer runs and says so, and the
   work folder of a multi-process predict (``.<name>.geopeft-….parts``: its job held the lock).
+  A train also removes the work folders of dead trainings (``geopeft-train-<pid>-…`` in the
+  temporary folder: their resumable checkpoints).
 * **The parent is gone.** With ``--events jsonl`` a watchdog thread notices when the process
   that started the engine dies (QGIS closing or crashing): on Linux/macOS the parent PID changes
   (the orphan is re-parented), on Windows (no re-parenting) the original parent's PID stops
@@ -267,7 +269,28 @@ def guard_outputs(outputs: Iterable[tuple[str, Path]], command: str, reporter: R
             stack.enter_context(OutputLock(path, command, reporter))
         for path in paths:
             clean_leftovers(path, reporter)
+        if command == "train":
+            clean_work_folders(reporter)
         yield
+
+
+def clean_work_folders(reporter: Reporter | None = None) -> list[Path]:
+    """Remove the training work folders (``geopeft-train-<pid>-…`` in the temporary folder, where
+    resumable checkpoints are kept while training) of trainings that no longer run."""
+    import tempfile
+
+    removed = []
+    with contextlib.suppress(OSError):
+        for item in Path(tempfile.gettempdir()).glob("geopeft-train-*"):
+            m = re.match(r"^geopeft-train-(\d+)-", item.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) and item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+                if not item.exists():
+                    removed.append(item)
+    if removed and reporter:
+        reporter.info(f"removed {len(removed)} work folder(s) of interrupted trainings: "
+                      f"{', '.join(str(p) for p in removed)}")
+    return removed
 
 
 # -- the parent ----------------------------------------------------------------------------------

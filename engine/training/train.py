@@ -322,7 +322,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     total_steps = None if max_seconds and cfg.epochs >= 1000 else steps_per_epoch * cfg.epochs
     progress = ProgressEvents(reporter, total_steps, max_seconds)
     keep = KeepBest(has_validation=data.val_set is not None, include_frozen=loaded.source == "random")
-    workdir = tempfile.mkdtemp(prefix="geopeft-train-")
+    workdir = tempfile.mkdtemp(prefix=f"geopeft-train-{os.getpid()}-")  # PID: removed by the next train if killed
     checkpoints = ResumeCheckpoints(Path(workdir) / resuming.RESUME_CKPT)
     trainer = L.Trainer(
         accelerator=accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,

@@ -295,8 +295,13 @@ def test_sigkill_while_the_model_is_written_leaves_no_model_and_the_next_train_c
     assert partial.parent == tmp_path and partial.name.startswith(f".model.{proc.pid}-")
     assert (partial / "adapter.safetensors").exists() and not (partial / "card.json").exists()
     assert (tmp_path / ".model.geopeft-lock").exists()  # the kernel released it; the file stays
+    import tempfile
+    work = Path(tempfile.gettempdir()) / f"geopeft-train-{proc.pid}-k1ll3d"  # as one killed mid-training leaves
+    work.mkdir()
+    (work / "resume.ckpt").write_bytes(b"checkpoint")
 
     again = run_engine(*train)
+    assert not work.exists() and "work folder(s) of interrupted trainings" in again["_stderr"]
     assert (out / "card.json").exists()
     assert leftovers(tmp_path) == []
     assert f"removed 1 temporary file(s) beside {out}" in again["_stderr"] and f"PID {proc.pid}" in again["_stderr"]
