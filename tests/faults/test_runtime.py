@@ -14,7 +14,8 @@ disk full                  exit 2, error DiskFull: "no space left on the disk of
 SIGKILL mid-train          no folder at --out (the model is written in a hidden
                            ``.NAME.PID-….partial`` folder, renamed at the end); the next train
                            on that output removes it and says so on stderr ("removed … left by
-                           an interrupted job (PID …)", "took over the lock …")
+                           an interrupted job (PID …)", "took over the lock …"), and removes
+                           the killed training's work folder (checkpoints) in the temp folder
 SIGKILL mid-predict        no output; the next predict on that output removes the hidden
                            ``.STEM.PID-….partial…`` files (and a multi-process predict's
                            ``.NAME.geopeft-….parts`` folder) and says so
@@ -295,16 +296,40 @@ def test_sigkill_while_the_model_is_written_leaves_no_model_and_the_next_train_c
     assert partial.parent == tmp_path and partial.name.startswith(f".model.{proc.pid}-")
     assert (partial / "adapter.safetensors").exists() and not (partial / "card.json").exists()
     assert (tmp_path / ".model.geopeft-lock").exists()  # the kernel released it; the file stays
-    import tempfile
-    work = Path(tempfile.gettempdir()) / f"geopeft-train-{proc.pid}-k1ll3d"  # as one killed mid-training leaves
-    work.mkdir()
-    (work / "resume.ckpt").write_bytes(b"checkpoint")
 
     again = run_engine(*train)
-    assert not work.exists() and "work folder(s) of interrupted trainings" in again["_stderr"]
     assert (out / "card.json").exists()
     assert leftovers(tmp_path) == []
     assert f"removed 1 temporary file(s) beside {out}" in again["_stderr"] and f"PID {proc.pid}" in again["_stderr"]
+    assert "took over the lock" in again["_stderr"]
+
+
+def test_sigkill_mid_training_leaves_no_model_and_the_next_train_removes_its_work_folder(small_scene, tmp_path):
+    import tempfile
+
+    out = tmp_path / "model"
+    train = ["train", "--image", small_scene.image, "--labels", small_scene.labels, *TINY, "--epochs", "50",
+             "--out", out]
+    proc = subprocess.Popen([sys.executable, "-m", "engine", *map(str, train), "--events", "jsonl"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=ENGINE_ENV)
+    try:
+        for line in proc.stdout:  # wait until it trains
+            event = json.loads(line)
+            if event["event"] == "progress" and event["stage"] == "train":
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert event["event"] == "progress" and event["stage"] == "train"
+    assert not out.exists()
+    work = list(Path(tempfile.gettempdir()).glob(f"geopeft-train-{proc.pid}-*"))
+    assert work  # its resumable checkpoints' folder
+
+    again = run_engine(*train[:-2], "--epochs", "1", "--out", out)
+    assert (out / "card.json").exists() and not any(w.exists() for w in work)
+    assert "work folder(s) of interrupted trainings" in again["_stderr"]
     assert "took over the lock" in again["_stderr"]
 
 
