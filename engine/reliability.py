@@ -271,7 +271,12 @@ def guard_outputs(outputs: Iterable[tuple[str, Path]], command: str, reporter: R
             clean_leftovers(path, reporter)
         if command == "train":
             clean_work_folders(reporter)
-        yield
+        try:
+            yield
+        except Exception as exc:  # noted before the locks go (they remove the folders they made)
+            with contextlib.suppress(AttributeError):
+                exc.geopeft_folders_gone = [p.parent for p in paths if not p.parent.exists()]
+            raise
 
 
 def clean_work_folders(reporter: Reporter | None = None) -> list[Path]:
@@ -330,8 +335,10 @@ def watch_parent(reporter: Reporter, poll_s: float = PARENT_POLL_S, stop_after_s
 
 
 # -- memory and disk -------------------------------------------------------------------------------
+# (oneDNN, PyTorch's CPU convolutions, says "could not create a primitive" when it cannot allocate
+# its buffers: seen under a memory cap with a large batch)
 _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate memory",
-             "unable to allocate", "bad_alloc")
+             "unable to allocate", "bad_alloc", "could not create a primitive")
 _NOSPACE_TEXT = ("no space left on device", "disk quota exceeded", "free disk space available")
 
 
@@ -412,8 +419,11 @@ def explain_fault(exc: BaseException, args) -> EngineError | None:
                                   f"choose another output; nothing was written",
                                   hint="free space on that disk, or choose an output folder on another disk"),
                       "DiskFull")
-    if out and command != "demo" and not Path(out).absolute().parent.exists():
-        folder = Path(out).absolute().parent
+    gone = getattr(exc, "geopeft_folders_gone", None)  # seen while the job ran (guard_outputs)
+    if gone is None:
+        gone = [Path(out).absolute().parent] if out and not Path(out).absolute().parent.exists() else []
+    if out and command != "demo" and gone:
+        folder = gone[0]
         return _typed(EngineError(f"the output folder {folder} was removed while writing {out}: nothing was "
                                   f"written", hint="choose an output in an existing folder and run again"),
                       "OutputFolderGone")
