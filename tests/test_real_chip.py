@@ -17,7 +17,11 @@ from tests.conftest import SEN1FLOODS11, run_engine
 IMAGE = SEN1FLOODS11 / "Spain_7370579_S2Hand.tif"
 LABELS = SEN1FLOODS11 / "Spain_7370579_LabelHand.tif"
 CUT = 256  # columns [0, CUT) and [CUT, 512): the two halves
-MARGIN = 0.03  # of mIoU, below the per-pixel classifier
+# Of mIoU, below the per-pixel classifier. One training run on one chip varies with the seed: on the
+# left half, seed 0 scored 0.836 with crops drawn from torch's global generator and 0.815 with the
+# per-chip generators that make resumed runs exact (a400bd0); seed 1 scores 0.845. 0.05 covers that
+# spread; a smaller margin would test the seed's luck, not the defaults.
+MARGIN = 0.05
 
 
 def _halves(tmp_path, train_half: str):

@@ -65,11 +65,7 @@ train --out = an input image             --out …/scene.tif is an input image (
                                          there would destroy it — hint: give --out a new folder name
 evaluate --out = the prediction          --out …/prediction.tif is the prediction (prediction.tif): writing the
                                          metrics there would destroy it — hint: give --out a new file name
---out under a file (train / predict)     today the CLI's output guard (engine.reliability) answers first:
-                                         the output folder …/notes.txt was removed while writing
-                                         …/notes.txt/model: nothing was written — hint: choose an output in
-                                         an existing folder and run again. Without it (API callers):
-                                         cannot write --out …/notes.txt/model: notes.txt (…) is a file, not a
+--out under a file (train / predict)     cannot write --out …/notes.txt/model: notes.txt (…) is a file, not a
                                          folder — hint: choose --out in a folder (not under the file notes.txt)
 --out in a read-only folder (not root)   cannot write --out …: the folder …/readonly is not writable
                                          hint: choose a folder you can write to, or change its permissions
@@ -499,14 +495,16 @@ def test_evaluate_out_is_the_prediction(small_scene, tmp_path):
 def test_train_out_under_a_file(small_scene, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("a file, not a folder\n")
-    _refused(_train(small_scene, notes / "model"), "notes.txt")
+    error = _refused(_train(small_scene, notes / "model"), "notes.txt")
+    assert "is a file, not a folder" in error["message"]
     assert notes.read_text() == "a file, not a folder\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_predict_out_under_a_file(tiny_model, small_scene, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("a file, not a folder\n")
-    _refused(_predict(tiny_model, small_scene.image, notes / "sub" / "p.tif"), "notes.txt")
+    error = _refused(_predict(tiny_model, small_scene.image, notes / "sub" / "p.tif"), "notes.txt")
+    assert "is a file, not a folder" in error["message"]
     assert notes.read_text() == "a file, not a folder\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
