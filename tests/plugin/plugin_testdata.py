@@ -2,6 +2,8 @@
 interpreter, and tiny training parameters."""
 from __future__ import annotations
 
+import time
+
 import os
 import subprocess
 import sys
@@ -122,3 +124,20 @@ def tiny_train_parameters(data, out, **overrides) -> dict:
               "DEVICE": 1, "SEED": 0, "OUTPUT": str(out)}
     params.update(overrides)
     return params
+
+
+def wait_for(condition, timeout=120.0):
+    """Spin the Qt event loop (tasks report back through queued signals) until condition()."""
+    from qgis.PyQt.QtCore import QCoreApplication
+
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not met in time")
+        QCoreApplication.processEvents()
+        time.sleep(0.02)
+
+
+def bar_text(dialog) -> str:
+    """The texts of a dialog's message bar."""
+    return " ".join(item.text() for item in dialog.bar.items())

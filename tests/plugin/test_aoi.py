@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 
 import pytest
 from qgis.core import (
@@ -24,9 +23,8 @@ from qgis.core import (
     QgsReferencedRectangle,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QCoreApplication
 
-from plugin_testdata import BANDS, CLASSES, needs_engine
+from plugin_testdata import BANDS, CLASSES, needs_engine, wait_for
 
 # the test scene: EPSG:32633, 128 x 128 pixels of 30 m from (500000, 4000000)
 LEFT_HALF = (500000.0, 3996160.0, 501920.0, 4000000.0)  # columns 0-63
@@ -34,14 +32,6 @@ TEMP_AOI = re.compile(r".*[/\\]geopeft-aoi-[^/\\]+[/\\]aoi\.gpkg$")
 UTM33 = QgsCoordinateReferenceSystem("EPSG:32633")
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 
-
-def wait_for(condition, timeout=60.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met in time")
-        QCoreApplication.processEvents()
-        time.sleep(0.02)
 
 
 def fake_model(tmp_path):

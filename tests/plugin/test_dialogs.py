@@ -3,7 +3,6 @@ command, refuse invalid choices, run the engine in a QgsTask, add styled results
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from qgis.core import (
@@ -17,25 +16,12 @@ from qgis.core import (
     QgsSingleBandPseudoColorRenderer,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QCoreApplication
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QPlainTextEdit
 
-from plugin_testdata import BANDS, CLASSES, needs_engine
+from plugin_testdata import BANDS, CLASSES, needs_engine, bar_text, wait_for
 
 
-def wait_for(condition, timeout=120.0):
-    """Spin the Qt event loop (tasks report back through queued signals) until condition()."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met in time")
-        QCoreApplication.processEvents()
-        time.sleep(0.02)
-
-
-def bar_text(dialog) -> str:
-    return " ".join(item.text() for item in dialog.bar.items())
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ from qgis.core import (
     QgsRasterLayer,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QCoreApplication, QTimer
+from qgis.PyQt.QtCore import QTimer
 
-from plugin_testdata import BANDS, CLASSES
+from plugin_testdata import BANDS, CLASSES, bar_text, wait_for
 
 WATCHDOG_S = 2  # the tests' watchdog (the plugin's default is 10 minutes)
 pytestmark = pytest.mark.skipif(sys.platform.startswith("win"),
@@ -36,20 +36,6 @@ pytestmark = pytest.mark.skipif(sys.platform.startswith("win"),
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def wait_for(condition, timeout=60.0):
-    """Spin the Qt event loop (tasks report back through queued signals) until condition()."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met in time")
-        QCoreApplication.processEvents()
-        time.sleep(0.02)
-
-
-def bar_text(dialog) -> str:
-    return " ".join(item.text() for item in dialog.bar.items())
-
-
 def iface_errors(qgis_iface) -> list[str]:
     return qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
 

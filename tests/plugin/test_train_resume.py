@@ -4,20 +4,11 @@ checkpoint in the Output folder, and whenever the chosen folder holds one; Resum
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from qgis.core import QgsRasterLayer
-from qgis.PyQt.QtCore import QCoreApplication
+from plugin_testdata import wait_for
 
-
-def wait_for(condition, timeout=60.0):
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met in time")
-        QCoreApplication.processEvents()
-        time.sleep(0.02)
 
 
 def cancelled_run_files(folder) -> None:
