@@ -19,11 +19,11 @@ from qgis.core import (
     QgsFields,
     QgsGeometry,
     QgsRectangle,
-    QgsVectorFileWriter,
     QgsWkbTypes,
 )
 
 from .core.commands import aoi_box
+from .layers import gpkg_writer
 
 TEMP_PREFIX = "geopeft-aoi-"
 AOI_LAYER = "aoi"
@@ -106,16 +106,10 @@ def write_polygons(features, crs: QgsCoordinateReferenceSystem, path: str, name:
     """Write the polygons of ``features`` (an iterable of QgsFeature; attributes dropped: the
     engine needs only the shapes) to a GeoPackage at ``path`` (layer 'aoi') in ``crs``. Returns
     how many were written; AoiError if none or the file cannot be written. Worker thread only."""
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = "GPKG"
-    options.layerName = AOI_LAYER
-    options.fileEncoding = "UTF-8"
-    writer = QgsVectorFileWriter.create(path, QgsFields(), QgsWkbTypes.Type.MultiPolygon, crs,
-                                        QgsCoordinateTransformContext(), options)
-    if writer.hasError() != QgsVectorFileWriter.WriterError.NoError:
-        message = writer.errorMessage()
-        del writer
-        raise AoiError(f"Could not write the area of interest to {path}: {message}")
+    try:
+        writer = gpkg_writer(path, QgsFields(), QgsWkbTypes.Type.MultiPolygon, crs, AOI_LAYER)
+    except OSError as exc:
+        raise AoiError(f"Could not write the area of interest to {path}: {exc}") from None
     count = 0
     try:
         for feature in features:

@@ -91,15 +91,10 @@ class LayerCopy:
         """Write the features to ``path`` (its folder is created); LayerError if impossible.
         Returns how many were written. Worker thread only."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        options = QgsVectorFileWriter.SaveVectorOptions()
-        options.driverName = "GPKG"
-        options.fileEncoding = "UTF-8"
-        writer = QgsVectorFileWriter.create(path, self.fields, self.wkb_type, self.crs,
-                                            QgsCoordinateTransformContext(), options)
-        if writer.hasError() != QgsVectorFileWriter.WriterError.NoError:
-            message = writer.errorMessage()
-            del writer
-            raise LayerError(f"Could not copy layer {self.name} for the engine: {message}")
+        try:
+            writer = gpkg_writer(path, self.fields, self.wkb_type, self.crs)
+        except OSError as exc:
+            raise LayerError(f"Could not copy layer {self.name} for the engine: {exc}") from None
         count = 0
         try:
             for feature in self.source.getFeatures():
@@ -118,3 +113,19 @@ def _single_layer(path: str) -> bool:
     from osgeo import ogr
     ds = ogr.Open(path)
     return ds is not None and ds.GetLayerCount() == 1
+
+
+def gpkg_writer(path: str, fields, wkb_type, crs, layer_name: str | None = None):
+    """A QgsVectorFileWriter on a new GeoPackage (UTF-8; ``layer_name`` or the file's name);
+    OSError with GDAL's message when it cannot be created. Worker thread only."""
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.fileEncoding = "UTF-8"
+    if layer_name:
+        options.layerName = layer_name
+    writer = QgsVectorFileWriter.create(path, fields, wkb_type, crs, QgsCoordinateTransformContext(), options)
+    if writer.hasError() != QgsVectorFileWriter.WriterError.NoError:
+        message = writer.errorMessage()
+        del writer
+        raise OSError(message)
+    return writer
