@@ -261,6 +261,7 @@ def test_processing_polygons_in_another_crs_keep_it_and_empty_ones_are_refused(
     argv, copy = recorded(tmp_path / "rec")
     assert TEMP_AOI.match(argv[argv.index("--aoi") + 1])
     assert copy.crs().authid() == "EPSG:4326" and copy.featureCount() == 1  # the engine reprojects
+    del copy  # else the refused run below keeps this OGR layer alive past QGIS's exit: a crash at shutdown
     empty = QgsVectorLayer("Polygon?crs=EPSG:4326", "empty", "memory")
     qgis_new_project.addMapLayer(empty)
     with pytest.raises(QgsProcessingException, match="no polygons"):
