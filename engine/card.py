@@ -109,6 +109,7 @@ SCHEMA = Field("object", keys={
         "transform": Field("array", items=Field("number")),
     }),
     "training": _opt("object", open=True),
+    "parent": _opt("object", open=True),  # the model training continued from (train --init-from)
     "files": _opt("object", keys={"weights": Field("str"), "weights_sha256": _opt("str")}),
     "export": _opt("object", keys={  # ONNX files' cards
         "merged": _opt("bool"), "opset": _opt("int"), "input": _opt("str"), "output": _opt("str"),

@@ -78,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the cancelled run whose model folder is DIR (it holds "
                    "resume.ckpt) with the arguments it started with: leave the others out (only --device and "
                    "--workers may change). --image, --labels and --out are required otherwise")
+    t.add_argument("--init-from", metavar="MODEL", help="continue training from this trained model folder (e.g. "
+                   "with corrected or more labels): its backbone, tuning, decoder, bands, chip size, classes and "
+                   "normalisation are kept and its trained tensors are the start; writes a new --out whose card "
+                   "names its parent")
+    t.add_argument("--preview-dir", metavar="DIR", help="write previews while training: the model as it stands "
+                   "predicted on --preview-extent, as DIR/preview-<epoch>-<n>.tif (artifact events 'preview'; the two "
+                   "newest are kept)")
+    t.add_argument("--preview-every", type=int, default=5, metavar="N",
+                   help="with --preview-dir: a preview every N epochs (0: only when asked with --preview-request)")
+    t.add_argument("--preview-extent", metavar="BOX", help="with --preview-dir: the area to preview, minx,miny,maxx,"
+                   "maxy in the image's CRS (or …@EPSG:code); default the image; at most 1024 x 1024 px around its "
+                   "centre are predicted")
+    t.add_argument("--preview-request", metavar="FILE", help="with --preview-dir: (re)writing this file asks for a "
+                   "preview after the current batch; it may hold {\"extent\": BOX} for a new area")
     _trust(t, "the --weights file")
     _common(t)
 
@@ -186,7 +200,13 @@ def cmd_train(a, reporter: Reporter) -> dict:
         chip_size=a.chip_size, epochs=a.epochs, max_time=a.max_time,
         batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, device=a.device,
         precision=a.precision, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,
-        seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers, trust_checkpoint=a.trust_checkpoint)
+        seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers, trust_checkpoint=a.trust_checkpoint,
+        init_from=a.init_from, preview_dir=a.preview_dir, preview_every=a.preview_every,
+        preview_extent=a.preview_extent, preview_request=a.preview_request)
+    if a.init_from and not a.resume:  # options contradicting the parent are refused, naming them
+        from engine.training.resume import given_options
+        from engine.training.warmstart import Parent, inherit
+        cfg = inherit(cfg, Parent(a.init_from), given_options(getattr(a, "argv", sys.argv[1:])))
     if a.resume:
         from engine.training.resume import given_options, resumed_config
         cfg = resumed_config(a.resume, cfg, given_options(getattr(a, "argv", sys.argv[1:])))

@@ -43,6 +43,52 @@ def split_labels(labels: Path, folder: Path, train_fraction: float = TRAIN_FRACT
     return outputs[0], outputs[1]
 
 
+def _write_like(src_path: Path, data: np.ndarray, path: Path) -> Path:
+    """A label raster with ``src_path``'s profile, colour table and class names."""
+    with rasterio.open(src_path) as src:
+        profile, cmap, tags = src.profile, src.colormap(1), src.tags()
+    with atomic_output(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data.astype(profile["dtype"]), 1)
+        dst.write_colormap(1, cmap)
+        dst.update_tags(**tags)
+    return path
+
+
+def first_labels(labels: Path, out: Path, square: int = 12, per_class: int = 1, seed: int = 0) -> Path:
+    """An analyst's first, deliberately incomplete labels: ``per_class`` squares of ``square`` px
+    per class, each where that class fills the square, from the labelled part of ``labels``."""
+    with rasterio.open(labels) as src:
+        truth, nodata = src.read(1), src.nodata
+    rng = np.random.default_rng(seed)
+    first = np.full_like(truth, nodata if nodata is not None else 0)
+    classes = [v for v in np.unique(truth) if v != nodata]
+    for value in classes:
+        placed = 0
+        ys, xs = np.nonzero(truth == value)
+        for k in rng.permutation(len(ys)):
+            y, x = ys[k], xs[k]
+            box = truth[y:y + square, x:x + square]
+            if box.shape == (square, square) and (box == value).all() and (first[y:y + square, x:x + square] ==
+                                                                           first.flat[0]).all():
+                first[y:y + square, x:x + square] = value
+                placed += 1
+                if placed == per_class:
+                    break
+    return _write_like(labels, first, out)
+
+
+def add_labels(current: Path, truth: Path, boxes: list[tuple[int, int, int, int]], out: Path) -> Path:
+    """``current`` labels plus the true labels (``truth``) inside ``boxes`` (row, col, height,
+    width): what an analyst adds where the model was unsure."""
+    with rasterio.open(current) as a, rasterio.open(truth) as b:
+        labels, reference, nodata = a.read(1), b.read(1), b.nodata
+    for r, c, h, w in boxes:
+        part = reference[r:r + h, c:c + w]
+        keep = part != nodata if nodata is not None else np.ones(part.shape, bool)
+        labels[r:r + h, c:c + w][keep] = part[keep]
+    return _write_like(current, labels, out)
+
+
 def run_demo(out: str | os.PathLike, reporter: Reporter, max_time: str = "4m") -> dict:
     from engine.evaluate import evaluate
     from engine.export import export_onnx

@@ -73,6 +73,15 @@ class LabelMask:
         return LabelMask([LabelWindow(w.row, w.col, i) for w, i in zip(self.windows, indices)],
                          self.classes, self.height, self.width)
 
+    def on_classes(self, classes: Sequence[dict]) -> "LabelMask":
+        """The same labels indexing ``classes`` (every value of this mask's classes among them):
+        e.g. the classes of a model training continues from, some of which the new labels lack."""
+        position = {int(c["value"]): i for i, c in enumerate(classes)}
+        lookup = np.array([position[int(c["value"])] for c in self.classes] + [NO_LABEL], np.int16)
+        # index -1 (no label) picks the last entry: NO_LABEL
+        return LabelMask([LabelWindow(w.row, w.col, lookup[w.index]) for w in self.windows],
+                         list(classes), self.height, self.width)
+
     @property
     def labelled(self) -> int:
         return sum(int((w.index >= 0).sum()) for w in self.windows)

@@ -39,7 +39,7 @@ class Region:
         self.mask = mask
         self.window = Window(0, 0, grid.width, grid.height)  # pixels outside it are outside the region
         if geometries:
-            left, bottom, right, top = _union_bounds(geometries)
+            left, bottom, right, top = union_bounds(geometries)
             # pixel window of the bounds' corners (any orientation of the grid), one pixel of margin
             cols, rows = zip(*(~grid.transform @ (x, y) for x in (left, right) for y in (bottom, top)))
             col0, row0 = max(math.floor(min(cols)) - 1, 0), max(math.floor(min(rows)) - 1, 0)
@@ -181,7 +181,7 @@ def _read_polygons(path: Path, layer: str | None, grid: Grid) -> list[dict]:
     return list(geometries)
 
 
-def _union_bounds(geometries: list[dict]) -> tuple[float, float, float, float]:
+def union_bounds(geometries: list[dict]) -> tuple[float, float, float, float]:
     boxes = np.array([geometry_bounds(g) for g in geometries], np.float64)
     return boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max()
 

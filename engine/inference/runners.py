@@ -188,9 +188,7 @@ def load_runner(model: str | os.PathLike, device: str = "auto", reporter: Report
 def load_trained_model(card: dict, folder: Path, reporter: Reporter, trust_checkpoint: bool = False):
     """Rebuild the trained Segmentor from its card: backbone weights (referenced by path and
     checked by hash; unpickled only with ``trust_checkpoint``), adapters injected, then the
-    trained tensors loaded (safetensors only: never unpickled)."""
-    from safetensors.torch import load_file
-
+    trained tensors loaded (``load_trained_tensors``)."""
     from engine.models.checkpoints import load_backbone_weights, resolve_weights, sha256_file
     from engine.models.decoders import DECODERS
     from engine.models.registry import BACKBONES, get_backbone_spec
@@ -222,6 +220,15 @@ def load_trained_model(card: dict, folder: Path, reporter: Reporter, trust_check
                               hint="use the same checkpoint file as in training")
         load_backbone_weights(model.encoder, spec, path, inp["band_names"], Reporter("quiet"), trust=trust_checkpoint)
     apply_tuning(model, TuningConfig(**card["tuning"]))
+    load_trained_tensors(model, card, folder)
+    return model
+
+
+def load_trained_tensors(model, card: dict, folder: Path) -> int:
+    """The model folder's trained tensors (safetensors only: never unpickled) into ``model``, built
+    and tuned as its card says. Returns how many tensors were loaded."""
+    from safetensors.torch import load_file
+
     weights_file = folder / card.get("files", {}).get("weights", "adapter.safetensors")
     if not weights_file.is_file():
         raise EngineError(f"trained weights {weights_file.name} missing from the model folder {folder} (its card.json "
@@ -246,4 +253,4 @@ def load_trained_model(card: dict, folder: Path, reporter: Reporter, trust_check
     if result.unexpected_keys or missing_trained:
         raise EngineError(f"trained weights {weights_file.name} do not match the model card "
                           f"(unexpected {result.unexpected_keys[:3]}, missing {missing_trained[:3]})")
-    return model
+    return len(state)

@@ -42,10 +42,14 @@ OPTION_FIELDS = {
     "max_time": "max_time", "batch_size": "batch_size", "lr": "lr", "val_fraction": "val_fraction",
     "chips_per_epoch": "chips_per_epoch", "device": "device", "precision": "precision",
     "devices": "devices", "num_nodes": "num_nodes", "strategy": "strategy", "workers": "workers",
-    "seed": "seed",
+    "seed": "seed", "init_from": "init_from", "preview_dir": "preview_dir", "preview_every": "preview_every",
+    "preview_extent": "preview_extent", "preview_request": "preview_request",
 }
 # May differ on resume: where the run computes, not what it computes.
 MAY_CHANGE = {"device", "workers"}
+# Not kept for a resumed run (it previews only when asked again): the caller's temporary files.
+PREVIEW_OPTIONS = {"preview_dir": None, "preview_every": 5, "preview_extent": None, "preview_request": None}
+MAY_CHANGE |= set(PREVIEW_OPTIONS)
 
 
 def _resolved(path) -> str:
@@ -54,9 +58,9 @@ def _resolved(path) -> str:
 
 def config_record(cfg) -> dict:
     """``cfg`` as JSON, with absolute paths (a resumed run may start in another folder)."""
-    record = asdict(cfg)
+    record = {**asdict(cfg), **PREVIEW_OPTIONS}
     record["images"] = [_resolved(p) for p in cfg.images or []]
-    for key in ("labels", "out"):
+    for key in ("labels", "out", "init_from"):
         if record[key]:
             record[key] = _resolved(record[key])
     if record["weights"] not in (None, "auto", "hub", "none") and Path(record["weights"]).expanduser().exists():

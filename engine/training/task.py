@@ -145,6 +145,42 @@ class ProgressEvents(L.Callback):
             self.reporter.metric("train_loss", float(loss), "train", epoch=trainer.current_epoch + 1)
 
 
+class History(L.Callback):
+    """The learning curves: per epoch the training loss, validation loss and mIoU, for the
+    model card (``training.history``: the evaluation report plots them). Kept in the resume
+    checkpoint, so a resumed run's curves start at its first epoch."""
+
+    def __init__(self):
+        self.epochs: dict[int, dict] = {}
+
+    def _row(self, trainer) -> dict:
+        epoch = trainer.current_epoch + 1
+        return self.epochs.setdefault(epoch, {"epoch": epoch, "train_loss": None, "val_loss": None,
+                                              "val_miou": None})
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or pl_module.last_val is None:
+            return
+        row = self._row(trainer)
+        row["val_miou"] = round(float(pl_module.last_val["miou"]), 5)
+        val_loss = trainer.callback_metrics.get("val_loss")
+        row["val_loss"] = round(float(val_loss), 5) if val_loss is not None else None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        loss = trainer.callback_metrics.get("train_loss_epoch")
+        if loss is not None:
+            self._row(trainer)["train_loss"] = round(float(loss), 5)
+
+    def rows(self) -> list[dict]:
+        return [self.epochs[e] for e in sorted(self.epochs)]
+
+    def state_dict(self) -> dict:
+        return {"history": json.dumps(self.rows())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs = {row["epoch"]: row for row in json.loads(state["history"])}
+
+
 class KeepBest(L.Callback):
     """Keeps (in memory) the trained tensors of the epoch with the best validation mIoU, or of
     the last epoch when there is no validation."""

@@ -54,6 +54,12 @@ class TrainConfig:
     chips_per_epoch: int | None = None
     workers: int = 0
     trust_checkpoint: bool = False  # unpickle a --weights file holding more than tensors (runs its code)
+    init_from: str | None = None  # a trained model folder to continue from (engine.training.warmstart)
+    # previews of the model on the map while it trains (engine.training.preview)
+    preview_dir: str | None = None
+    preview_every: int = 5  # epochs; 0: only when asked through preview_request
+    preview_extent: str | None = None  # a box as predict's --aoi takes it; None: the image (its centre)
+    preview_request: str | None = None  # a file the caller (re)writes to ask for a preview now
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -159,12 +165,15 @@ def class_weights(target: LabelMask, num_classes: int, reporter: Reporter) -> li
     return weights.tolist()
 
 
-def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
+def prepare_data(cfg: TrainConfig, spec, reporter: Reporter, parent=None) -> TrainingData:
     """Read labels, choose the chip size, split, compute statistics and build the datasets.
 
     Everything works on the label windows (``LabelMask``): labels are read and rasterised only
     where they are and image pixels only under them, so a few polygons on a huge mosaic cost
-    memory for the polygons, not for the mosaic."""
+    memory for the polygons, not for the mosaic.
+
+    ``parent`` (a ``warmstart.Parent``): the labels index its classes (which they may not all
+    hold) and the images are normalised with its statistics."""
     from engine.data.chips import choose_chip_size, crop_positions, training_split
 
     reporter.progress("prepare", 1, 4, "reading image and labels")
@@ -182,10 +191,22 @@ def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
             reporter.warning(warning)
         band_names = _band_names(stack, cfg.band_names, spec, reporter)
         labels = load_labels(cfg.labels, stack.grid, cfg.label_field, cfg.ignore_index, cfg.classes, reporter)
+        if parent is not None:
+            known = {c["value"] for c in parent.classes}
+            new = [c for c in labels.classes if c["value"] not in known]
+            if new:
+                raise EngineError(f"labels {Path(cfg.labels).name} hold class(es) "
+                                  f"{', '.join(str(c['value']) for c in new)} that the model training continues "
+                                  f"from ({parent.folder.name}) does not have (it has "
+                                  f"{', '.join(str(c['value']) + ' ' + c['name'] for c in parent.classes)})",
+                                  hint="a continued model keeps its parent's classes: relabel those features, or "
+                                       "train a new model (without --init-from) to add a class")
+        _check_classes(labels.classes, cfg.classes, Path(cfg.labels).name)
+        if parent is not None:
+            labels = labels.on_classes(parent.classes)
         if len(labels.classes) < 2:
             raise EngineError(f"labels {Path(cfg.labels).name} hold only one class "
                               f"({labels.classes[0]['name']})", hint="label at least two classes")
-        _check_classes(labels.classes, cfg.classes, Path(cfg.labels).name)
         chip = cfg.chip_size
         if chip is None:
             chip, why = choose_chip_size(labels, spec.patch_size)
@@ -195,7 +216,7 @@ def prepare_data(cfg: TrainConfig, spec, reporter: Reporter) -> TrainingData:
             reporter.info(why)
         reporter.progress("prepare", 2, 4, "spatial split and normalisation statistics")
         train_target, val_target = training_split(labels, chip, cfg.val_fraction, cfg.seed)
-        mean, std = band_statistics(stack, train_target)
+        mean, std = parent.statistics if parent is not None else band_statistics(stack, train_target)
         grid, band_indices, source_dtype = stack.grid, stack.band_indices, str(np.dtype(stack.dtype))
 
     # Lightning (seconds to import): only once the inputs have passed their checks
@@ -247,6 +268,14 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
     max_seconds = parse_duration(cfg.max_time)
+    parent = None
+    if cfg.init_from:
+        from engine.training.warmstart import Parent, inherit
+        parent = Parent(cfg.init_from)
+        cfg = inherit(cfg, parent, given=set())
+        if Path(cfg.out).resolve() == parent.folder.resolve():
+            raise EngineError(f"--out {cfg.out} is the model training continues from (--init-from): the new model "
+                              "would replace it", hint="give --out a new folder: the parent stays as it is")
     from engine.models.registry import get_backbone_spec
     spec = get_backbone_spec(cfg.backbone)
     if cfg.tuning.method not in ("auto", *METHODS):
@@ -268,10 +297,12 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     from engine.models.checkpoints import load_backbone_weights, read_state_dict, resolve_weights
     # a missing, unreadable or untrusted checkpoint is refused before the data is read
     weights_path = resolve_weights(spec, cfg.weights, reporter)
+    if parent is not None:
+        parent.check_weights(weights_path)
     weights_state = read_state_dict(weights_path, cfg.trust_checkpoint) if weights_path else None
     from engine.training import resume as resuming
     resume_info, resume_from = resuming.read_resume(resume) if resume is not None else (None, None)
-    data = prepare_data(cfg, spec, reporter)
+    data = prepare_data(cfg, spec, reporter, parent)
     data_check = resuming.data_check(data)
     if resume_info is not None and resume_info.get("data") != data_check:
         raise EngineError(f"the images or labels of the cancelled run in {resume} have changed (now "
@@ -283,7 +314,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from engine.models.segmentor import build_segmentor
-    from engine.training.task import (KeepBest, ProgressEvents, ResumeCheckpoints, SegmentationTask,
+    from engine.training.task import (History, KeepBest, ProgressEvents, ResumeCheckpoints, SegmentationTask,
                                       TrainingCancelled)
     from engine.tuning import apply_tuning, count_parameters
 
@@ -306,6 +337,9 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     # Fresh band columns of the patch embedding must train and be saved with the model.
     tuning = replace(cfg.tuning, method=method, patch_embed=bool(loaded.fresh_bands))
     apply_tuning(model, tuning)
+    if parent is not None:
+        from engine.training.warmstart import load_parent_tensors
+        load_parent_tensors(model, parent, reporter)
     counts = count_parameters(model)
     reporter.info(f"{spec.name} + {decoder}, tuning {tuning.method}"
                   f"{' (and the patch embedding, for the fresh bands)' if tuning.patch_embed else ''}: "
@@ -322,13 +356,21 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     total_steps = None if max_seconds and cfg.epochs >= 1000 else steps_per_epoch * cfg.epochs
     progress = ProgressEvents(reporter, total_steps, max_seconds)
     keep = KeepBest(has_validation=data.val_set is not None, include_frozen=loaded.source == "random")
+    history = History()
     workdir = tempfile.mkdtemp(prefix=f"geopeft-train-{os.getpid()}-")  # PID: removed by the next train if killed
     checkpoints = ResumeCheckpoints(Path(workdir) / resuming.RESUME_CKPT)
+    callbacks = [progress, keep, history, checkpoints]
+    if cfg.preview_dir:
+        from engine.training.preview import Previews
+        callbacks.append(Previews(cfg.preview_dir, reporter, images=[str(p) for p in cfg.images],
+                                  bands=data.band_indices, mean=data.mean, std=data.std, chip_size=data.chip_size,
+                                  classes=data.classes, every=cfg.preview_every, extent=cfg.preview_extent,
+                                  request=cfg.preview_request, batch_size=cfg.batch_size))
     trainer = L.Trainer(
         accelerator=accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
         strategy=cfg.strategy, precision=precision, max_epochs=cfg.epochs,
         max_time=dt.timedelta(seconds=max_seconds) if max_seconds else None,
-        callbacks=[progress, keep, checkpoints], logger=False, enable_checkpointing=False,
+        callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=1, default_root_dir=workdir,
     )
@@ -374,12 +416,14 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
             "seed": cfg.seed, "val_fraction": cfg.val_fraction, "class_weights": data.class_weights,
             "chips_per_epoch": data.chips_per_epoch, "accelerator": accelerator,
             "precision": precision, "duration_s": round(time.monotonic() - started, 1),
-            "cancelled": stopped, "parameters": counts,
+            "cancelled": stopped, "parameters": counts, "history": history.rows(),
             "images": [str(Path(p).resolve()) for p in cfg.images],
             "labels": str(Path(cfg.labels).resolve()),
         },
         "files": {"weights": WEIGHTS_FILE},
     }
+    if parent is not None:
+        card["parent"] = parent.as_card()
     extra = resuming.card_and_files(card, cfg, trainer, checkpoints, resume_ckpt, resume_info, data_check)
     try:
         out = _write_model_folder(Path(cfg.out), keep.best_state, card, extra)
