@@ -159,3 +159,45 @@ def test_previews_every_n_epochs_and_on_request(demo_scene, loop, tmp_path):
         assert ds.crs == image.crs
         values = set(np.unique(ds.read(1)).tolist())
         assert values <= {1, 2, 3, 4} and values
+
+
+def test_a_continued_run_never_keeps_worse_than_its_parent(loop):
+    """The parent is scored on the run's validation labels before training (epoch 0): the kept
+    model scores at least that."""
+    import re
+
+    child = json.loads((loop["m2"] / "card.json").read_text())["training"]
+    said = re.search(r"continues from scores validation mIoU ([0-9.]+)", loop["r2"]["_stderr"])
+    assert said and child["best_val_miou"] >= float(said.group(1)) - 5e-4
+
+
+def test_keep_best_keeps_the_starting_weights_unless_an_epoch_beats_them():
+    """KeepBest with a baseline: the weights scored before training are epoch 0 and stay kept
+    when no epoch scores higher (here epoch 1 changes the weights and scores lower)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.training.task import KeepBest
+
+    model = torch.nn.Linear(2, 2)
+    module = SimpleNamespace(model=model, last_val={"miou": 0.5})
+    trainer = SimpleNamespace(current_epoch=0, sanity_checking=False)
+    keep = KeepBest(has_validation=True, baseline=True)
+    keep.on_sanity_check_end(trainer, module)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    module.last_val = {"miou": 0.4}
+    keep.on_validation_end(trainer, module)
+    assert keep.best_epoch == 0 and keep.best_score == 0.5
+    assert all((keep.best_state[k] == start[k]).all() for k in start)
+    module.last_val = {"miou": 0.6}
+    trainer.current_epoch = 1
+    keep.on_validation_end(trainer, module)
+    assert keep.best_epoch == 2 and (keep.best_state["weight"] == model.weight).all()
+    resumed = KeepBest(has_validation=True, baseline=True)  # a resumed run: its restored best stays
+    resumed.load_state_dict(keep.state_dict())
+    module.last_val = {"miou": 0.55}
+    resumed.on_sanity_check_end(trainer, module)
+    assert resumed.best_epoch == 2

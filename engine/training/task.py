@@ -183,18 +183,27 @@ class History(L.Callback):
 
 class KeepBest(L.Callback):
     """Keeps (in memory) the trained tensors of the epoch with the best validation mIoU, or of
-    the last epoch when there is no validation."""
+    the last epoch when there is no validation.
 
-    def __init__(self, has_validation: bool, include_frozen: bool = False):
+    ``baseline`` (a run that continues from a trained model): the starting weights, scored by the
+    validation pass Lightning runs before training (the "sanity check", then over the whole
+    validation set), are epoch 0; an epoch must beat them to be kept, so continuing never
+    returns a model worse on the validation labels than the one it started from."""
+
+    def __init__(self, has_validation: bool, include_frozen: bool = False, baseline: bool = False,
+                 reporter: Reporter | None = None):
         self.has_validation = has_validation
         self.include_frozen = include_frozen
+        self.baseline = baseline
+        self.reporter = reporter
         self.best_score = -1.0
         self.best_epoch = 0
         self.best_state: dict | None = None
         self.best_val: dict | None = None
 
-    def _keep(self, trainer, pl_module, score, val):
-        self.best_score, self.best_epoch = score, trainer.current_epoch + 1
+    def _keep(self, trainer, pl_module, score, val, epoch: int | None = None):
+        self.best_score = score
+        self.best_epoch = trainer.current_epoch + 1 if epoch is None else epoch
         self.best_state = trainable_state_dict(pl_module.model, self.include_frozen)
         self.best_val = val
 
@@ -208,6 +217,14 @@ class KeepBest(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if not self.has_validation:
             self._keep(trainer, pl_module, 0.0, None)
+
+    def on_sanity_check_end(self, trainer, pl_module):
+        # a resumed run has its kept best already (restored before this check): only a better score replaces it
+        if self.baseline and pl_module.last_val is not None and pl_module.last_val["miou"] > self.best_score:
+            self._keep(trainer, pl_module, pl_module.last_val["miou"], pl_module.last_val, epoch=0)
+            if self.reporter is not None:
+                self.reporter.info(f"the model training continues from scores validation mIoU "
+                                   f"{self.best_score:.3f} on this run's validation labels: an epoch must beat it")
 
     # In the resume checkpoint: a resumed run keeps the best of all its epochs.
     def state_dict(self) -> dict:

@@ -355,7 +355,8 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     steps_per_epoch = math.ceil(data.chips_per_epoch / cfg.batch_size)
     total_steps = None if max_seconds and cfg.epochs >= 1000 else steps_per_epoch * cfg.epochs
     progress = ProgressEvents(reporter, total_steps, max_seconds)
-    keep = KeepBest(has_validation=data.val_set is not None, include_frozen=loaded.source == "random")
+    keep = KeepBest(has_validation=data.val_set is not None, include_frozen=loaded.source == "random",
+                    baseline=parent is not None, reporter=reporter)
     history = History()
     workdir = tempfile.mkdtemp(prefix=f"geopeft-train-{os.getpid()}-")  # PID: removed by the next train if killed
     checkpoints = ResumeCheckpoints(Path(workdir) / resuming.RESUME_CKPT)
@@ -371,7 +372,9 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
         strategy=cfg.strategy, precision=precision, max_epochs=cfg.epochs,
         max_time=dt.timedelta(seconds=max_seconds) if max_seconds else None,
         callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False,
+        # a continued model is scored before training (KeepBest's baseline): the whole validation set
+        num_sanity_val_steps=-1 if parent is not None and data.val_set is not None else 0,
         log_every_n_steps=1, default_root_dir=workdir,
     )
     reporter.enabled = reporter.enabled and trainer.is_global_zero
@@ -390,8 +393,14 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     stopped = stopped and trainer.current_epoch < cfg.epochs
     if not trainer.is_global_zero:
         return {}
-    if stopped and (keep.best_state is None or (resume_info and resume_ckpt is None)):
+    # (a continued model's epoch 0 is its parent: nothing new before the first epoch ends)
+    if stopped and (keep.best_state is None or (resume_info and resume_ckpt is None) or
+                    (keep.best_epoch == 0 and trainer.current_epoch == 0)):
         return resuming.nothing_new_kept(reporter, trainer, cfg, resume, resume_info)
+    if parent is not None and keep.best_epoch == 0:
+        reporter.warning(f"no epoch beat the model training continued from ({parent.folder.name}: validation mIoU "
+                         f"{keep.best_score:.3f} on this run's validation labels): the new model keeps its weights; "
+                         "label more where it is wrong, or give training more time")
 
     card = {
         "card_version": CARD_VERSION,
