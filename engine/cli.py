@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. m²)")
     p.add_argument("--simplify", type=float, help="with --polygons: simplify the outlines with this tolerance "
                    "(CRS units; needs shapely)")
+    p.add_argument("--uncertain-areas", metavar="GPKG", help="also list where to label next: the most uncertain "
+                   "squares (mean uncertainty of their valid pixels, at least half of each square valid) as "
+                   "polygons (GeoPackage .gpkg, layer 'uncertain_areas': rank (1 = most uncertain), "
+                   "mean_uncertainty 0-100, valid_fraction). Works with or without --uncertainty")
+    p.add_argument("--area-count", type=int, help="with --uncertain-areas: how many squares (default 10)")
+    p.add_argument("--area-size", type=int, metavar="PX", help="with --uncertain-areas: the squares' side in "
+                   "pixels (default: the model's chip size, one training chip per square)")
     p.add_argument("--aoi", help="predict only inside this area: a box minx,miny,maxx,maxy in the image's CRS "
                    "(or minx,miny,maxx,maxy@EPSG:4326 in another), or a polygon file (GeoPackage, GeoJSON, "
                    "Shapefile); outside is nodata, outputs stay on the image's grid. A box starting with a minus sign: "
@@ -161,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--label-field")
     v.add_argument("--ignore-index", type=int)
     v.add_argument("--out", help="write the metrics as JSON")
+    v.add_argument("--report", metavar="HTML", help="also write a report: one self-contained HTML file with "
+                   "the scores, per-class IoU/F1 and confusion-matrix charts, class areas and the model's "
+                   "training curves (needs matplotlib)")
+    v.add_argument("--model", help="with --report: the model (folder, card.json or .onnx) whose training curves "
+                   "to show (default: the model the prediction was made with, when its folder is still there)")
     _common(v)
 
     d = sub.add_parser("demo-data", help="write a synthetic multispectral scene with labels", formatter_class=fmt)
@@ -225,6 +237,7 @@ def cmd_predict(a, reporter: Reporter) -> dict:
                       overlap=a.overlap, device=a.device, bands=parse_band_list(a.bands),
                       precision=a.precision, aoi=a.aoi, aoi_layer=a.aoi_layer, mask=a.mask, devices=a.devices,
                       num_nodes=a.num_nodes, strategy=a.strategy, trust_checkpoint=a.trust_checkpoint,
+                      uncertain_areas=a.uncertain_areas, area_count=a.area_count, area_size=a.area_size,
                       reporter=reporter)
     if reporter.mode == "human" and summary.get("out"):
         print(f"prediction written to {summary['out']} ({summary['tiles']} tiles in {summary['seconds']} s, "
@@ -251,10 +264,11 @@ def cmd_export(a, reporter: Reporter) -> dict:
 def cmd_evaluate(a, reporter: Reporter) -> dict:
     from engine.evaluate import evaluate
 
-    result = evaluate(a.prediction, a.labels, a.out, a.label_field, a.ignore_index, reporter)
+    result = evaluate(a.prediction, a.labels, a.out, a.label_field, a.ignore_index, reporter,
+                      report=a.report, model=a.model)
     if reporter.mode == "human":
         print(result["table"])
-    return {k: result[k] for k in ("miou", "pixel_accuracy", "per_class", "pixels")}
+    return {k: result[k] for k in ("miou", "pixel_accuracy", "per_class", "pixels", "report") if k in result}
 
 
 def cmd_demo_data(a, reporter: Reporter) -> dict:

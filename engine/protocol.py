@@ -14,8 +14,11 @@ progress   stage (str: "prepare", "train", "validate", "predict", "export", "eva
            time budget used, for progress bars when only ``--max-time`` bounds training)
 metric     name (str), value (float), stage (str), epoch (int, optional)
 artifact   kind (str: "model", "card", "raster", "probabilities", "onnx", "metrics"),
-           path (str), plus extras (e.g. classes for rasters); demo-data also reports
-           "labels" and "polygons"
+           path (str), plus extras (e.g. classes for rasters); predict also reports
+           "uncertainty", "polygons", "style" and "uncertain_areas" (the most uncertain
+           squares: layer, areas = how many, size_px, count, max_mean_uncertainty);
+           demo-data also reports "labels" and "polygons"; evaluate also reports "report"
+           (the HTML report of ``--report``)
 warning    message (str)
 error      message (str), error_type (str), hint (str, optional)
 done       ok (bool), cancelled (bool), plus a summary dict of the command's results

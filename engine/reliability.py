@@ -239,17 +239,19 @@ class OutputLock:
 def output_paths(args) -> list[tuple[str, Path]]:
     """(option, absolute path) of what a parsed CLI command writes (its lock and leftover scope)."""
     command = getattr(args, "command", None)
-    if command in ("train", "export", "evaluate", "demo-data"):
+    if command in ("train", "export", "demo-data"):
         names = ("out",)
+    elif command == "evaluate":
+        names = ("out", "report")
     elif command == "predict":
-        names = ("out", "probabilities", "uncertainty", "polygons")
+        names = ("out", "probabilities", "uncertainty", "polygons", "uncertain_areas")
     else:
         return []
     found: dict[Path, str] = {}
     for name in names:
         value = getattr(args, name, None)
         if value:
-            found.setdefault(Path(os.path.abspath(value)), f"--{name}")
+            found.setdefault(Path(os.path.abspath(value)), f"--{name.replace('_', '-')}")
     return [(option, path) for path, option in found.items()]
 
 

@@ -11,9 +11,25 @@ import functools
 import math
 import os
 
-from qgis.core import QgsRasterLayer
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsDefaultValue,
+    QgsEditorWidgetSetup,
+    QgsExpression,
+    QgsFieldConstraints,
+    QgsRasterLayer,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
 
-from .styling import classes_from_raster_layer, colour_for_name
+from .styling import categorized_renderer, classes_from_raster_layer, colour_for_name, normalise_classes
+
+# The labels template ("New labels layer…" in the Train dialog): a polygon GeoPackage whose
+# integer field ``class`` the engine trains on, ``name`` filled in from the class.
+TEMPLATE_LAYER = "labels"
+TEMPLATE_CLASS_FIELD = "class"
+TEMPLATE_NAME_FIELD = "name"
+TEMPLATE_STYLE = "geopeft labels"
 
 
 class LabelsError(Exception):
@@ -148,3 +164,63 @@ def raster_label_classes(layer: QgsRasterLayer, ignore: int | None = None) -> li
             classes.append({"value": value, "name": name, "colour": colour_for_name(name, i),
                             "from_layer": False})
     return classes
+
+
+# -- a new labels layer to draw in --------------------------------------------------------------
+def template_classes(classes=None) -> list[dict]:
+    """The classes of a new labels layer: ``classes`` (value, name, colour), else two default
+    classes "class 1" and "class 2" in two distinct palette colours."""
+    classes = normalise_classes(classes)
+    if classes:
+        return classes
+    return [{"value": v, "name": f"class {v}", "colour": colour_for_name(f"class {v}", v - 1)} for v in (1, 2)]
+
+
+def create_labels_layer(path: str, crs: QgsCoordinateReferenceSystem, classes=None,
+                        name: str | None = None) -> QgsVectorLayer:
+    """Create a GeoPackage ``path`` (overwritten) with an empty polygon layer ``labels`` in
+    ``crs`` (fields ``class`` integer and ``name`` text) and open it, ready to draw in: styled
+    by class (categorised by ``class``, from ``template_classes(classes)``), with a value map
+    of the classes on ``class`` (the first class by default, never empty) and ``name`` filled in
+    from the class; that style is stored in the GeoPackage as its default, so the file opens
+    styled anywhere. Raises LabelsError when the file cannot be written. The file is empty: fast
+    enough for the UI thread."""
+    from .layers import gpkg_writer
+
+    classes = template_classes(classes)
+    # the fields, typed without QVariant (Qt 5 and 6 alike): a memory layer's from its URI
+    fields = QgsVectorLayer(f"Polygon?field={TEMPLATE_CLASS_FIELD}:integer&field={TEMPLATE_NAME_FIELD}:string(80)",
+                            "fields", "memory").fields()
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise LabelsError(f"Cannot create the labels layer {path}: the folder {folder} does not exist.")
+    try:
+        writer = gpkg_writer(path, fields, QgsWkbTypes.Type.Polygon, crs, TEMPLATE_LAYER)
+    except OSError as exc:
+        raise LabelsError(f"Cannot create the labels layer {path}: {exc}") from None
+    del writer  # closes the GeoPackage
+    layer = QgsVectorLayer(path, name or os.path.splitext(os.path.basename(path))[0], "ogr")
+    if not layer.isValid():
+        raise LabelsError(f"The new labels layer {path} could not be opened.")
+    style_labels_template(layer, classes)
+    error = layer.saveStyleToDatabase(TEMPLATE_STYLE, "GeoPEFT labels: classes and class field", True, "")
+    if error:
+        raise LabelsError(f"The labels layer {path} was created, but its style could not be stored in it: {error}")
+    return layer
+
+
+def style_labels_template(layer: QgsVectorLayer, classes: list[dict]) -> None:
+    """Categorised by ``class``; a value map of the classes (by name) on ``class``, the first
+    class by default and never empty; ``name`` follows the class."""
+    classes = normalise_classes(classes)
+    layer.setRenderer(categorized_renderer(classes, TEMPLATE_CLASS_FIELD))
+    index = layer.fields().indexOf(TEMPLATE_CLASS_FIELD)
+    layer.setEditorWidgetSetup(index, QgsEditorWidgetSetup(
+        "ValueMap", {"map": [{c["name"]: c["value"]} for c in classes]}))
+    layer.setDefaultValueDefinition(index, QgsDefaultValue(str(classes[0]["value"])))
+    layer.setFieldConstraint(index, QgsFieldConstraints.Constraint.ConstraintNotNull)
+    cases = " ".join(f"WHEN {QgsExpression.quotedColumnRef(TEMPLATE_CLASS_FIELD)} = {c['value']} "
+                     f"THEN {QgsExpression.quotedString(c['name'])}" for c in classes)
+    layer.setDefaultValueDefinition(layer.fields().indexOf(TEMPLATE_NAME_FIELD),
+                                    QgsDefaultValue(f"CASE {cases} END", True))
+    layer.triggerRepaint()

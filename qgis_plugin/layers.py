@@ -16,12 +16,16 @@ import uuid
 
 from qgis.core import (
     QgsCoordinateTransformContext,
+    QgsDataProvider,
     QgsMapLayer,
+    QgsProject,
     QgsRasterLayer,
     QgsVectorFileWriter,
     QgsVectorLayer,
     QgsVectorLayerFeatureSource,
 )
+
+from .styling import style_prediction
 
 TEMP_PREFIX = "geopeft-layer-"
 
@@ -109,15 +113,23 @@ class LayerCopy:
         return count
 
 
+STYLE_TABLE = "layer_styles"  # where QGIS keeps a GeoPackage's default style: not data
+
+
 def _single_layer(path: str) -> bool:
+    """One data layer in the file (QGIS's style table aside: the engine reads the first layer)."""
     from osgeo import ogr
     ds = ogr.Open(path)
-    return ds is not None and ds.GetLayerCount() == 1
+    if ds is None:
+        return False
+    names = [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
+    return len(names) - (STYLE_TABLE in names[1:]) == 1
 
 
 def gpkg_writer(path: str, fields, wkb_type, crs, layer_name: str | None = None):
     """A QgsVectorFileWriter on a new GeoPackage (UTF-8; ``layer_name`` or the file's name);
-    OSError with GDAL's message when it cannot be created. Worker thread only."""
+    OSError with GDAL's message when it cannot be created. Worker thread only, unless no
+    features follow (an empty template: ``labels.create_labels_layer``)."""
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     options.fileEncoding = "UTF-8"
@@ -129,3 +141,43 @@ def gpkg_writer(path: str, fields, wkb_type, crs, layer_name: str | None = None)
         del writer
         raise OSError(message)
     return writer
+
+
+class PreviewLayer:
+    """The map layer of training previews: one temporary layer that updates in place (its source
+    moves to each new preview file the engine writes) with the classes' colours. Loading a small
+    GeoTIFF is quick: done on the UI thread when the engine's event arrives."""
+
+    NAME = "GeoPEFT training preview"
+
+    def __init__(self):
+        self.layer_id: str | None = None
+        self.updates = 0
+
+    @property
+    def layer(self) -> QgsRasterLayer | None:
+        return QgsProject.instance().mapLayer(self.layer_id) if self.layer_id else None
+
+    def show(self, path: str, classes: list[dict], label: str = "") -> QgsRasterLayer | None:
+        name = self.NAME + (f" ({label})" if label else "")
+        layer = self.layer
+        if layer is None:
+            layer = QgsRasterLayer(path, name, "gdal")
+            if not layer.isValid():
+                return None
+            style_prediction(layer, classes)
+            QgsProject.instance().addMapLayer(layer)
+            self.layer_id = layer.id()
+        else:
+            layer.setDataSource(path, name, "gdal", QgsDataProvider.ProviderOptions())
+            if not layer.isValid():
+                return None
+            style_prediction(layer, classes)
+        self.updates += 1
+        return layer
+
+    def remove(self) -> None:
+        if self.layer is not None:
+            QgsProject.instance().removeMapLayer(self.layer_id)
+        self.layer_id = None
+        self.updates = 0

@@ -14,11 +14,16 @@ from qgis.core import (
     QgsFeatureRequest,
     QgsFillSymbol,
     QgsPalettedRasterRenderer,
+    QgsPalLayerSettings,
     QgsRasterLayer,
     QgsRasterShader,
     QgsRendererCategory,
     QgsSingleBandPseudoColorRenderer,
+    QgsSingleSymbolRenderer,
+    QgsTextBufferSettings,
+    QgsTextFormat,
     QgsVectorLayer,
+    QgsVectorLayerSimpleLabeling,
     QgsWkbTypes,
 )
 from qgis.PyQt.QtGui import QColor
@@ -32,6 +37,11 @@ UNCERTAINTY_NODATA = 255  # the engine's uncertainty raster: uint8 0-100, nodata
 UNCERTAINTY_RAMP = ((0, "#ffffb2", "0 — low uncertainty"), (25, "#fecc5c", "25"),
                     (50, "#fd8d3c", "50"), (75, "#f03b20", "75"),
                     (100, "#bd0026", "100 — high uncertainty (label here next)"))
+
+# The engine's uncertain areas (layer "uncertain_areas": rank 1 = most uncertain): outlined
+# squares in a colour the uncertainty ramp (yellow to red) never uses, labelled with the rank.
+AREAS_OUTLINE = "#00b7eb"
+AREAS_RANK_FIELD = "rank"
 
 # Distinct, readable colours for classes without a colour of their own; no red early on, so
 # that an unnamed class (often water, in flood maps) does not come out red.
@@ -272,3 +282,43 @@ def save_polygon_style(path: str, classes: list[dict]) -> bool:
     if not style_polygons(layer, classes):
         return False
     return not layer.saveStyleToDatabase("geopeft classes", "GeoPEFT classes", True, "")
+
+
+def style_uncertain_areas(layer: QgsVectorLayer) -> bool:
+    """The uncertain areas as squares outlined (no fill: the uncertainty raster stays visible
+    beneath) in a cyan the uncertainty ramp never uses, each labelled with its rank."""
+    if not layer.isValid() or layer.fields().indexOf(AREAS_RANK_FIELD) < 0:
+        return False
+    symbol = QgsFillSymbol.createSimple({"style": "no", "outline_color": AREAS_OUTLINE,
+                                         "outline_width": "0.8", "outline_width_unit": "MM"})
+    layer.setRenderer(QgsSingleSymbolRenderer(symbol))
+    settings = QgsPalLayerSettings()
+    settings.fieldName = AREAS_RANK_FIELD
+    settings.placement = QgsPalLayerSettings.Placement.OverPoint
+    text = QgsTextFormat()
+    text.setSize(12)
+    text.setColor(QColor("#003a4d"))
+    font = text.font()
+    font.setBold(True)
+    text.setFont(font)
+    buffer = QgsTextBufferSettings()
+    buffer.setEnabled(True)
+    buffer.setSize(1.2)
+    buffer.setColor(QColor("#ffffff"))
+    text.setBuffer(buffer)
+    settings.setFormat(text)
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
+    layer.setLabelsEnabled(True)
+    layer.triggerRepaint()
+    return True
+
+
+def save_areas_style(path: str) -> bool:
+    """Store the uncertain areas' style as the default style in their GeoPackage (it opens
+    outlined and ranked anywhere). Any thread: the layer is its own."""
+    if not path or not os.path.isfile(path):
+        return False
+    layer = QgsVectorLayer(path, "uncertain areas", "ogr")
+    if not style_uncertain_areas(layer):
+        return False
+    return not layer.saveStyleToDatabase("geopeft uncertain areas", "GeoPEFT: where to label next", True, "")

@@ -32,6 +32,7 @@ def check_outputs(images, **outputs: str | os.PathLike | None) -> None:
     for option, path in outputs.items():
         if not path:
             continue
+        option = option.replace("_", "-")  # uncertain_areas: --uncertain-areas
         resolved = Path(path).resolve()
         if resolved in seen:
             raise EngineError(f"--{option} {path} is {seen[resolved]}: writing it would destroy it",

@@ -15,8 +15,10 @@ equal those of a prediction of the whole raster. Cancel is checked before every 
 
 The same loop writes the optional per-class probabilities and per-pixel uncertainty. The rasters
 are then copied as cloud-optimised GeoTIFFs with overviews, the class raster optionally
-vectorised into a GeoPackage, and a QGIS style written beside it (``outputs``); every file is
-renamed into place only when all of them are complete.
+vectorised into a GeoPackage, the most uncertain squares listed in another (``uncertain``: where
+to label next; the uncertainty is streamed for them even when not kept), and a QGIS style
+written beside it (``outputs``); every file is renamed into place only when all of them are
+complete.
 
 ``devices``/``num_nodes`` > 1 predict in several processes (``distributed``: Lightning DDP, each
 process a band of rows into its own files, joined by rank 0 with a VRT), then the same tail
@@ -45,9 +47,11 @@ from engine.inference.checks import check_band_count, check_image, check_outputs
 from engine.inference.outputs import (POLYGON_LAYER, UNCERTAINTY_NODATA, _PolygonsCancelled, check_output_options,
                                       style_path, to_cog, uncertainty_uint8, write_polygons, write_style)
 from engine.inference.runners import load_runner
+from engine.inference.uncertain import AREAS_LAYER, AreasCancelled, check_area_options, write_uncertain_areas
 from engine.protocol import EngineError, Reporter
 
 PROBABILITY_NODATA = 255
+DEFAULT_AREA_COUNT = 10  # --uncertain-areas without --area-count
 PANEL = 4096  # the widest strip predicted at once (pixels, whole blocks): flat memory on any width
 
 
@@ -68,13 +72,16 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                    device: str = "auto", bands: list[int] | None = None, precision: str = "auto",
                    aoi: str | os.PathLike | None = None, aoi_layer: str | None = None,
                    mask: str | os.PathLike | None = None, devices: int | str = 1, num_nodes: int = 1,
-                   strategy: str = "auto", trust_checkpoint: bool = False, reporter: Reporter | None = None) -> dict:
+                   strategy: str = "auto", trust_checkpoint: bool = False, reporter: Reporter | None = None,
+                   uncertain_areas: str | os.PathLike | None = None, area_count: int | None = None,
+                   area_size: int | None = None) -> dict:
     reporter = reporter or Reporter("quiet")
     started = time.monotonic()
     check_output_options(polygons, min_area, simplify)
+    _check_area_options(uncertain_areas, area_count, area_size)
     style = style_path(out)
     check_outputs([*images, *([mask] if mask else [])], out=out, probabilities=probabilities, uncertainty=uncertainty, polygons=polygons,
-                  style=style)
+                  style=style, uncertain_areas=uncertain_areas)
     plan = None
     if _asks_for_processes(devices, num_nodes, strategy):
         try:
@@ -103,7 +110,7 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
         # GDAL's block cache sized for strips: flat memory however large the raster
         # (a strip touches at most two 256-row blocks besides its own rows)
         inputs.enter_context(block_cache(min(stack.grid.width, PANEL + size), size + 512, stack.pixel_bytes + np.dtype(
-            job.dtype_nodata[0]).itemsize + (len(classes) if probabilities else 0) + (1 if uncertainty else 0)))
+            job.dtype_nodata[0]).itemsize + (len(classes) if probabilities else 0) + (1 if uncertainty or uncertain_areas else 0)))
         check_image(stack, card, reporter)
         stack.check_has_data()
         grid = stack.grid
@@ -112,8 +119,9 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             inputs.callback(region.close)
         H, W = grid.height, grid.width
         total_tiles = len(tile_starts(H, size, stride)) * len(tile_starts(W, size, stride))
+        # the uncertain areas are found in the uncertainty raster: streamed even when not kept
         wanted = [name for name, path in (("out", out), ("probabilities", probabilities),
-                                          ("uncertainty", uncertainty)) if path]
+                                          ("uncertainty", uncertainty or uncertain_areas)) if path]
         if plan is not None:
             # Every process predicts its rows into its own files in a hidden folder beside ``out``
             # (removed on leaving, also on failure or cancel); rank 0 gets their mosaics (VRTs).
@@ -129,11 +137,13 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             # finished raster).
             tmp = {name: outputs.enter_context(atomic_output(path)) for name, path in
                    (("out", out), ("probabilities", probabilities), ("uncertainty", uncertainty),
-                    ("polygons", polygons), ("style", style)) if path}
+                    ("polygons", polygons), ("uncertain_areas", uncertain_areas), ("style", style)) if path}
             if plan is None:
                 sources = {}
                 for name in wanted:
-                    sources[name] = tmp[name].with_name(tmp[name].stem + ".stream.tif")
+                    # an uncertainty asked for only for the areas: a scratch name beside ``out``'s
+                    stem = tmp[name].stem if name in tmp else f"{tmp['out'].stem}.{name}"
+                    sources[name] = tmp["out"].with_name(stem + ".stream.tif")
                     outputs.callback(_unlink, sources[name])
                 run_tiles = 0
                 done_tiles = 0
@@ -150,7 +160,9 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
             if region is not None and run_tiles == 0:
                 reporter.warning("no valid image pixel inside the area of interest / mask: every output "
                                  "is nodata")
-            polygon_summary = finish_outputs(sources, tmp, classes, polygons, min_area, simplify, reporter)
+            areas = (area_size or size, area_count or DEFAULT_AREA_COUNT) if uncertain_areas else None
+            polygon_summary, areas_summary = finish_outputs(sources, tmp, classes, polygons, min_area, simplify,
+                                                            reporter, areas=areas)
     seconds = time.monotonic() - started
     nodata = job.nodata
     reporter.artifact("raster", str(out), classes=classes, nodata=nodata)
@@ -161,10 +173,14 @@ def _run_prediction(model: str | os.PathLike, images: list[str], out: str | os.P
                           measure="normalised entropy × 100")
     if polygons:
         reporter.artifact("polygons", str(polygons), layer=POLYGON_LAYER, **polygon_summary)
+    if uncertain_areas:
+        reporter.artifact("uncertain_areas", str(uncertain_areas), layer=AREAS_LAYER, **areas_summary)
     reporter.artifact("style", str(style), of=str(out))
     return {"out": str(out), "probabilities": str(probabilities) if probabilities else None,
             "uncertainty": str(uncertainty) if uncertainty else None,
             "polygons": str(polygons) if polygons else None, "style": str(style),
+            "uncertain_areas": str(uncertain_areas) if uncertain_areas else None,
+            "area_count": areas_summary["areas"] if uncertain_areas else None,
             "polygon_count": polygon_summary["polygons"] if polygon_summary else None,
             "tiles": total_tiles, "tiles_run": run_tiles, "seconds": round(seconds, 2), "runner": type(runner).__name__,
             "precision": "bf16" if getattr(runner, "bf16", False) else (getattr(runner, "quantize", None) or "fp32"),
@@ -231,16 +247,29 @@ def open_outputs(paths: dict, job: Job, grid, rows: tuple[int, int] | None = Non
 
 
 def finish_outputs(sources: dict, tmp: dict, classes: list[dict], polygons, min_area, simplify,
-                   reporter: Reporter) -> dict | None:
+                   reporter: Reporter, areas: tuple[int, int] | None = None) -> tuple[dict | None, dict | None]:
     """The finished rasters ``sources`` (streamed GeoTIFFs or mosaics) → cloud-optimised GeoTIFFs
-    at their temporary names ``tmp``, then the polygons and the style. Returns the polygons'
-    summary (None without polygons). Raises ``_Cancelled`` when the reporter is cancelled."""
+    at their temporary names ``tmp``, then the uncertain areas (``areas`` = (square size,
+    count): from the uncertainty, kept or not), the polygons and the style. Returns the
+    polygons' and the areas' summaries (None for those not asked for). Raises ``_Cancelled``
+    when the reporter is cancelled."""
     for name, resampling in (("out", "NEAREST"), ("probabilities", "AVERAGE"), ("uncertainty", "AVERAGE")):
-        if name in sources:
+        if name in sources and name in tmp:
             if reporter.cancelled:
                 raise _Cancelled
             to_cog(sources[name], tmp[name], resampling)
             _unlink(sources[name])
+    areas_summary = None
+    if areas:
+        reporter.progress("uncertain_areas", 0, None, "finding the most uncertain areas")
+        try:
+            areas_summary = write_uncertain_areas(tmp["uncertainty"] if "uncertainty" in tmp else
+                                                  sources["uncertainty"], tmp["uncertain_areas"], *areas,
+                                                  cancelled=lambda: reporter.cancelled)
+        except AreasCancelled:
+            raise _Cancelled from None
+        if "uncertainty" not in tmp:  # only streamed for the areas
+            _unlink(sources["uncertainty"])
     polygon_summary = None
     if polygons:
         reporter.progress("polygons", 0, None, "vectorising the class raster")
@@ -252,7 +281,20 @@ def finish_outputs(sources: dict, tmp: dict, classes: list[dict], polygons, min_
         if reporter.cancelled:
             raise _Cancelled
     write_style(tmp["style"], classes)
-    return polygon_summary
+    return polygon_summary, areas_summary
+
+
+def _check_area_options(uncertain_areas, area_count, area_size) -> None:
+    """Refuse bad --uncertain-areas options before anything is predicted."""
+    from pathlib import Path as _Path
+
+    if uncertain_areas is not None and _Path(uncertain_areas).suffix.lower() != ".gpkg":
+        raise EngineError(f"--uncertain-areas {uncertain_areas} must be a GeoPackage (.gpkg)",
+                          hint="give --uncertain-areas a name ending in .gpkg")
+    if uncertain_areas is None and (area_count is not None or area_size is not None):
+        raise EngineError("--area-count and --area-size apply to the uncertain areas, but no --uncertain-areas "
+                          "output was asked for", hint="add --uncertain-areas areas.gpkg, or drop them")
+    check_area_options(area_size, area_count)
 
 
 def _asks_for_processes(devices, num_nodes, strategy) -> bool:
@@ -431,7 +473,9 @@ def predict(model, images, out, **kwargs) -> dict:
     (pixels), ``device``, ``bands``, ``precision``, ``trust_checkpoint`` (a model folder's backbone
     checkpoint may be unpickled: see ``engine.models.checkpoints``), ``aoi`` (``minx,miny,maxx,maxy`` in the image's
     CRS, ``…@EPSG:code`` in another, or a polygon vector file) with ``aoi_layer``, ``mask`` (a
-    raster on the image's grid, non-zero = predict), ``reporter``.
+    raster on the image's grid, non-zero = predict), ``uncertain_areas`` (GeoPackage path: the
+    most uncertain squares, layer ``uncertain_areas``) with ``area_count`` (default 10) and
+    ``area_size`` (pixels; default the model's chip size), ``reporter``.
     ``devices`` × ``num_nodes`` > 1 (``strategy`` auto or ddp) predicts in that many processes
     with Lightning DDP (``engine.inference.distributed``): Lightning starts the other processes by
     running the calling command again, so call it from a script or ``python -m engine``.

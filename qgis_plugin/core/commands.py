@@ -64,6 +64,14 @@ class TrainConfig:
     val_fraction: float | None = None
     device: str = "auto"
     seed: int | None = None
+    # continue training from this model folder: the engine keeps its backbone, weights, tuning,
+    # decoder, bands and chip size (those options are then left out)
+    init_from: str | None = None
+    # previews on the map while training (engine: train --preview-*)
+    preview_dir: str | None = None
+    preview_every: int | None = None  # epochs; 0: only when asked through preview_request
+    preview_extent: str | None = None  # aoi_box(): in the image's CRS or with @EPSG
+    preview_request: str | None = None
 
 
 @dataclass
@@ -85,6 +93,12 @@ class PredictConfig:
     aoi: str | None = None
     aoi_layer: str | None = None
     mask: str | None = None
+    # where to label next: the most uncertain squares (GeoPackage, layer "uncertain_areas": rank,
+    # mean_uncertainty, valid_fraction); area_count (engine default 10) and area_size (pixels;
+    # engine default: the model's chip size)
+    uncertain_areas: str | None = None
+    area_count: int | None = None
+    area_size: int | None = None
 
 
 @dataclass
@@ -100,15 +114,16 @@ class EvaluateConfig:
     label_field: str | None = None
     ignore_index: int | None = None
     out: str | None = None
+    report: str | None = None  # the HTML report (engine: evaluate --report; charts drawn by the engine)
 
 
 def train_args(c: TrainConfig) -> list[str]:
     args = ["train"]
     for image in c.images:
         args += ["--image", image]
-    if c.bands:
+    if c.bands and not c.init_from:
         args += ["--bands", ",".join(str(b) for b in c.bands)]
-    if c.band_names:
+    if c.band_names and not c.init_from:
         args += ["--band-names", ",".join(c.band_names)]
     args += ["--labels", c.labels]
     if c.label_field:
@@ -117,11 +132,14 @@ def train_args(c: TrainConfig) -> list[str]:
         args += ["--classes", classes_json(c.classes)]
     if c.ignore_index is not None:
         args += ["--ignore-index", str(c.ignore_index)]
-    args += ["--backbone", c.backbone, "--weights", c.weights or "auto", "--tuning", c.tuning or "auto"]
-    if c.decoder and c.decoder != "auto":
-        args += ["--decoder", c.decoder]
-    if c.chip_size:
-        args += ["--chip-size", str(c.chip_size)]
+    if c.init_from:  # the parent model decides the model choices
+        args += ["--init-from", c.init_from]
+    else:
+        args += ["--backbone", c.backbone, "--weights", c.weights or "auto", "--tuning", c.tuning or "auto"]
+        if c.decoder and c.decoder != "auto":
+            args += ["--decoder", c.decoder]
+        if c.chip_size:
+            args += ["--chip-size", str(c.chip_size)]
     if c.epochs:
         args += ["--epochs", str(c.epochs)]
     if c.max_time:
@@ -134,6 +152,14 @@ def train_args(c: TrainConfig) -> list[str]:
     args += ["--device", c.device]
     if c.seed is not None:
         args += ["--seed", str(c.seed)]
+    if c.preview_dir:
+        args += ["--preview-dir", c.preview_dir]
+        if c.preview_every is not None:
+            args += ["--preview-every", str(c.preview_every)]
+        if c.preview_extent:
+            args += [f"--preview-extent={c.preview_extent}"]  # '=': a box may start with a minus sign
+        if c.preview_request:
+            args += ["--preview-request", c.preview_request]
     args += ["--out", c.out]
     return args
 
@@ -166,6 +192,12 @@ def predict_args(c: PredictConfig) -> list[str]:
             args += ["--aoi-layer", c.aoi_layer]
     if c.mask:
         args += ["--mask", c.mask]
+    if c.uncertain_areas:
+        args += ["--uncertain-areas", c.uncertain_areas]
+        if c.area_count:
+            args += ["--area-count", str(int(c.area_count))]
+        if c.area_size:
+            args += ["--area-size", str(int(c.area_size))]
     if c.batch_size:
         args += ["--batch-size", str(c.batch_size)]
     args += ["--device", c.device]
@@ -209,6 +241,8 @@ def evaluate_args(c: EvaluateConfig) -> list[str]:
         args += ["--ignore-index", str(c.ignore_index)]
     if c.out:
         args += ["--out", c.out]
+    if c.report:
+        args += ["--report", c.report]
     return args
 
 
@@ -301,6 +335,11 @@ def validate_train(c: TrainConfig, tuning_methods=TUNING_METHODS, decoders=DECOD
         problems.append("Choose an output folder for the trained model.")
     elif os.path.isdir(c.out) and any(Path(c.out).iterdir()):
         problems.append(f"Output folder {c.out} is not empty; choose a new or empty folder.")
+    if c.init_from:
+        if read_card(c.init_from) is None:
+            problems.append(f"Continue from: {c.init_from} is not a trained model folder (it has no card.json).")
+        elif c.out and os.path.abspath(c.out) == os.path.abspath(c.init_from):
+            problems.append("The output folder is the model training continues from: choose a new folder.")
     return problems
 
 
@@ -324,10 +363,17 @@ def validate_predict(c: PredictConfig) -> list[str]:
         problems.append("The uncertainty raster must be a GeoTIFF (.tif).")
     if c.polygons and not c.polygons.lower().endswith(".gpkg"):
         problems.append("Class polygons must be written to a GeoPackage (.gpkg).")
-    outputs = [os.path.abspath(p) for p in (c.out, c.probabilities, c.uncertainty, c.polygons) if p]
+    if c.uncertain_areas and not c.uncertain_areas.lower().endswith(".gpkg"):
+        problems.append("The uncertain areas must be written to a GeoPackage (.gpkg).")
+    if c.area_count is not None and c.area_count < 1:
+        problems.append("List at least one uncertain area.")
+    if c.area_size is not None and c.area_size < 1:
+        problems.append("The uncertain areas must be at least 1 pixel wide.")
+    outputs = [os.path.abspath(p) for p in (c.out, c.probabilities, c.uncertainty, c.polygons,
+                                            c.uncertain_areas) if p]
     if len(set(outputs)) != len(outputs):
-        problems.append("Each output (classes, probabilities, uncertainty, polygons) needs its own "
-                        "file name.")
+        problems.append("Each output (classes, probabilities, uncertainty, polygons, uncertain areas) "
+                        "needs its own file name.")
     if c.min_area is not None and c.min_area < 0:
         problems.append("The minimum polygon area must be 0 or more.")
     if c.device not in DEVICES:

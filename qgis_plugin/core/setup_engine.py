@@ -66,6 +66,7 @@ def engine_requirements(gpu: bool = False) -> list[str]:
         "safetensors>=0.4",
         "huggingface_hub>=0.24",
         "onnx>=1.16",
+        "matplotlib>=3.7",  # evaluate --report's charts
         *onnxruntime,
     ]
 

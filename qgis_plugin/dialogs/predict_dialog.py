@@ -1,5 +1,6 @@
-"""The Predict dialog: raster + model -> class raster (styled), probabilities, uncertainty and
-class polygons, all written by the engine and added to the map styled."""
+"""The Predict dialog: raster + model -> class raster (styled), probabilities, uncertainty,
+class polygons and the most uncertain areas, all written by the engine and added to the map
+styled; the dialog then steps the map through the uncertain areas (where to label next)."""
 from __future__ import annotations
 
 import os
@@ -7,10 +8,12 @@ import os
 from qgis.core import (
     Qgis,
     QgsApplication,
+    QgsCoordinateTransform,
     QgsFeatureRequest,
     QgsMapLayerProxyModel,
     QgsProject,
     QgsRasterLayer,
+    QgsRectangle,
     QgsUnitTypes,
     QgsVectorLayer,
     QgsVectorLayerFeatureSource,
@@ -31,6 +34,7 @@ from qgis.PyQt.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSizePolicy,
+    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -46,8 +50,9 @@ from ..layers import layer_path
 from ..core.rasterinfo import band_descriptions, grid_problems
 from ..icons import icon
 from ..processing.base import ProgressMapper
-from ..styling import (classes_from_raster_file, normalise_classes, save_polygon_style,
-                       style_polygons, style_prediction, style_uncertainty)
+from ..styling import (AREAS_RANK_FIELD, classes_from_raster_file, normalise_classes, save_areas_style,
+                       save_polygon_style, style_polygons, style_prediction, style_uncertain_areas,
+                       style_uncertainty)
 from .defaults import default_layers, results_folder
 from .engine_info import request_models_info
 from .messages import MessagePanel, show_error, show_problems
@@ -57,6 +62,7 @@ from .train_dialog import DEVICE_LABELS
 
 BAND_NUMBER = Qt.ItemDataRole.UserRole
 # "Area": where to predict (the engine's --aoi / --mask)
+AREA_MARGIN = 1.2  # the map shows an uncertain area with a fifth of a square around it
 AREAS = (("all", "Whole raster"),
          ("canvas", "Current map view"),
          ("polygons", "Inside the polygons of a layer"),
@@ -70,6 +76,10 @@ class PredictDialog(QDialog):
         self.task: EngineTask | None = None
         self.added_layers: list = []
         self.card: dict | None = None
+        self.areas: list[dict] = []  # the uncertain areas of the last run, by rank (see set_areas)
+        self.area_index = -1
+        self._areas_crs = None
+        self._areas_layer_id = None
         self.setWindowTitle("GeoPEFT — Predict classes")
         self.setWindowIcon(icon("predict.svg"))
         self._build()
@@ -128,6 +138,22 @@ class PredictDialog(QDialog):
             oform, "Uncertainty (where to label next)", "GeoTIFF (*.tif)",
             "Per pixel, how unsure the model is (0-100: normalised entropy of the class "
             "probabilities). Label the dark red places next and train again.")
+        self.want_areas, self.areas_path = optional_output(
+            oform, "List the most uncertain areas (where to label next)", "GeoPackage (*.gpkg)",
+            "The squares (the model's chip size) where the model is least sure on average, most "
+            "uncertain first: outlined and numbered on the map, and the dialog steps the map "
+            "through them. Needs the uncertainty raster.")
+        self.area_count = QSpinBox()
+        self.area_count.setRange(1, 1000)
+        self.area_count.setValue(10)
+        self.area_count.setSuffix(" areas")
+        self.area_count.setToolTip("How many of the most uncertain squares to list.")
+        self.area_count.setEnabled(False)
+        oform.addRow("Number of areas", self.area_count)
+        self.want_areas.toggled.connect(self.area_count.setEnabled)
+        # the areas come from the uncertainty: ticking them ticks it, unticking it unticks them
+        self.want_areas.toggled.connect(lambda on: on and self.want_uncertainty.setChecked(True))
+        self.want_uncertainty.toggled.connect(lambda on: on or self.want_areas.setChecked(False))
         self.want_polygons, self.polygons = optional_output(
             oform, "Polygons (GeoPackage)", "GeoPackage (*.gpkg)",
             "The classes as polygons: fields class_value, class_name, area; styled by class.")
@@ -152,6 +178,20 @@ class PredictDialog(QDialog):
         self.status.setWordWrap(True)
         self.status.setOpenExternalLinks(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
+        self.area_steps = QWidget()
+        steps = QHBoxLayout(self.area_steps)
+        steps.setContentsMargins(0, 0, 0, 0)
+        self.previous_area = QPushButton("◀ Previous")
+        self.previous_area.setToolTip("Zoom the map to the previous uncertain area")
+        self.next_area = QPushButton("Next uncertain area ▶")
+        self.next_area.setToolTip("Zoom the map to the next uncertain area (most uncertain first)")
+        self.area_label = QLabel("")
+        self.previous_area.clicked.connect(lambda: self.step_area(-1))
+        self.next_area.clicked.connect(lambda: self.step_area(1))
+        steps.addWidget(self.previous_area)
+        steps.addWidget(self.next_area)
+        steps.addWidget(self.area_label, 1)
+        self.area_steps.setVisible(False)
         self.messages = MessagePanel(self.iface, self)
         self.buttons = QDialogButtonBox()
         self.run_button = QPushButton(icon("predict.svg"), "Predict")
@@ -173,6 +213,7 @@ class PredictDialog(QDialog):
         layout.addWidget(outputs)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        layout.addWidget(self.area_steps)
         layout.addWidget(self.messages)
         layout.addWidget(self.buttons)
         self.resize(QSize(660, 780))
@@ -252,6 +293,7 @@ class PredictDialog(QDialog):
         self.probabilities.setFilePath(base + "_probabilities.tif")
         self.uncertainty.setFilePath(base + "_uncertainty.tif")
         self.polygons.setFilePath(base + "_classes.gpkg")
+        self.areas_path.setFilePath(base + "_uncertain_areas.gpkg")
 
     # -- bands: from the model card, matched by name --------------------------------------------
     def model_bands(self) -> list[str]:
@@ -399,6 +441,8 @@ class PredictDialog(QDialog):
             device=self.device.currentData(),
             aoi=aoi,
             mask=mask,
+            uncertain_areas=self._optional_path(self.want_areas, self.areas_path),
+            area_count=self.area_count.value() if self.want_areas.isChecked() else None,
         )
 
     @staticmethod
@@ -417,7 +461,8 @@ class PredictDialog(QDialog):
                             f"bands; the raster has {layer.bandCount()}).")
         for wanted, path, what in ((self.want_probabilities, config.probabilities, "class probabilities"),
                                    (self.want_uncertainty, config.uncertainty, "uncertainty raster"),
-                                   (self.want_polygons, config.polygons, "class polygons")):
+                                   (self.want_polygons, config.polygons, "class polygons"),
+                                   (self.want_areas, config.uncertain_areas, "uncertain areas")):
             if wanted.isChecked() and not path:
                 problems.append(f"Choose where to write the {what}, or untick it.")
         if config.images and layer is not None:
@@ -440,6 +485,7 @@ class PredictDialog(QDialog):
         self.messages.clear()
         self.bar.clearWidgets()
         self.progress.setValue(0)
+        self.set_areas(None)
         self.messages.start_log("<engine python> -m engine " + " ".join(args))
         log("Predict: <engine python> -m engine " + " ".join(args))
 
@@ -475,6 +521,8 @@ class PredictDialog(QDialog):
             self.progress.setValue(int(percent))
             if event.get("stage") == "polygons":
                 self.status.setText("Writing the class polygons…")
+            elif event.get("stage") == "uncertain_areas":
+                self.status.setText("Finding the most uncertain areas…")
             elif event.get("total"):
                 self.status.setText(f"Predicting: tile {event['step']}/{event['total']}")
         elif event["event"] == "warning":
@@ -498,11 +546,70 @@ class PredictDialog(QDialog):
             return
         self.progress.setValue(100)
         self.added_layers = add_results(task.after_result)
+        self.set_areas(next((x for x in self.added_layers if x.source().split("|")[0]
+                             == task.after_result.get("uncertain_areas")), None))
         text = "Classes written to " + file_link(task.after_result["out"])
         self.status.setText(text)
         self.bar.pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 10)
         if self.iface is not None:
             self.iface.messageBar().pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 0)
+
+    # -- where to label next: stepping through the uncertain areas -------------------------------
+    def set_areas(self, layer) -> None:
+        """Offer to step through the features of ``layer`` (the engine's uncertain areas), by
+        rank; None hides the stepping buttons."""
+        self.areas, self.area_index = [], -1
+        self._areas_layer_id = layer.id() if layer is not None else None
+        self._areas_crs = layer.crs() if layer is not None else None
+        if layer is not None:
+            for feature in layer.getFeatures():
+                self.areas.append({"fid": feature.id(), "rank": feature[AREAS_RANK_FIELD],
+                                   "mean": feature["mean_uncertainty"],
+                                   "bbox": QgsRectangle(feature.geometry().boundingBox())})
+            self.areas.sort(key=lambda a: a["rank"])
+        self.area_steps.setVisible(layer is not None)
+        self.previous_area.setEnabled(bool(self.areas))
+        self.next_area.setEnabled(bool(self.areas))
+        if layer is not None and not self.areas:
+            self.area_label.setText("No uncertain area: no square is half valid.")
+        elif self.areas:
+            self.area_label.setText(f"{len(self.areas)} uncertain areas: Next shows the most uncertain.")
+
+    def step_area(self, step: int) -> None:
+        """Zoom the map to the next (``step`` 1) or previous (-1) uncertain area, wrapping around."""
+        if not self.areas:
+            return
+        if self.area_index < 0:
+            index = 0 if step > 0 else len(self.areas) - 1
+        else:
+            index = (self.area_index + step) % len(self.areas)
+        self.show_area(index)
+
+    def show_area(self, index: int) -> None:
+        """Zoom the map canvas to uncertain area ``index`` (0 = the most uncertain), with a margin."""
+        self.area_index = index
+        area = self.areas[index]
+        self.area_label.setText(f"Area {index + 1} of {len(self.areas)}, uncertainty {area['mean']:.0f} %")
+        canvas = self.iface.mapCanvas() if self.iface is not None else None
+        if canvas is None:
+            return
+        rect = QgsRectangle(area["bbox"])
+        target = canvas.mapSettings().destinationCrs()
+        if self._areas_crs is not None and self._areas_crs.isValid() and target.isValid() \
+                and target != self._areas_crs:
+            transform = QgsCoordinateTransform(self._areas_crs, target, QgsProject.instance())
+            try:
+                rect = transform.transformBoundingBox(rect)
+            except Exception as exc:  # noqa: BLE001 - QgsCsException: cannot be shown in the map's CRS
+                self.bar.pushMessage("GeoPEFT", f"Cannot show the area in the map's CRS: {exc}",
+                                     Qgis.MessageLevel.Warning, 8)
+                return
+        rect.scale(AREA_MARGIN)
+        canvas.setExtent(rect)
+        canvas.refresh()
+        layer = QgsProject.instance().mapLayer(self._areas_layer_id) if self._areas_layer_id else None
+        if layer is not None:
+            canvas.flashFeatureIds(layer, [area["fid"]])
 
 
 def save_file_widget(file_filter: str) -> QgsFileWidget:
@@ -543,8 +650,12 @@ def prediction_results(result, config: PredictConfig, card_classes: list[dict]) 
     polygons = path("polygons", config.polygons) if config.polygons else None
     if polygons:
         save_polygon_style(polygons, classes)
+    areas = path("uncertain_areas", config.uncertain_areas) if config.uncertain_areas else None
+    if areas:
+        save_areas_style(areas)
     return {"out": out, "classes": classes, "polygons": polygons,
-            "uncertainty": path("uncertainty", config.uncertainty) if config.uncertainty else None}
+            "uncertainty": path("uncertainty", config.uncertainty) if config.uncertainty else None,
+            "uncertain_areas": areas}
 
 
 def _stem(path: str) -> str:
@@ -553,7 +664,8 @@ def _stem(path: str) -> str:
 
 def add_results(results: dict) -> list:
     """Add the results to the project, each styled: the uncertainty (pseudocolour, below), the
-    class raster (paletted by class) and the polygons (categorized by class, on top)."""
+    class raster (paletted by class), the polygons (categorized by class) and the uncertain
+    areas (outlined squares numbered by rank, on top)."""
     classes = results["classes"]
     added = []
     if results.get("uncertainty"):
@@ -569,6 +681,10 @@ def add_results(results: dict) -> list:
         if polygons.isValid():
             style_polygons(polygons, classes)
             added.append(polygons)
+    if results.get("uncertain_areas"):
+        areas = QgsVectorLayer(results["uncertain_areas"], _stem(results["uncertain_areas"]), "ogr")
+        if style_uncertain_areas(areas):
+            added.append(areas)
     for layer in added:
         QgsProject.instance().addMapLayer(layer)
     return added

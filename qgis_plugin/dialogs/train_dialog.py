@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from dataclasses import replace
 
-from qgis.core import Qgis, QgsApplication, QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateTransform, QgsMapLayerProxyModel, QgsProject,
+                       QgsRasterLayer, QgsVectorLayer)
 from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox, QgsMessageBar
 from qgis.PyQt.QtCore import QSize, Qt
 from qgis.PyQt.QtWidgets import (
@@ -31,15 +35,18 @@ from qgis.PyQt.QtWidgets import (
 
 from .. import settings
 from ..core.commands import (BACKBONES, DECODER_LABELS, DECODERS, DEVICES, PATCH_SIZES,
-                             TUNING_LABELS, TUNING_METHODS, TrainConfig, train_args, validate_train)
+                             TUNING_LABELS, TUNING_METHODS, TrainConfig, aoi_box, read_card, train_args,
+                             validate_train)
 from ..core.rasterinfo import band_descriptions, grid_problems
 from ..icons import icon
-from ..labels import LabelsError, ignore_index, label_values, negative_values_warning, raster_label_classes
+from ..labels import (LabelsError, TEMPLATE_CLASS_FIELD, create_labels_layer, ignore_index, label_values,
+                      negative_values_warning, raster_label_classes)
 from ..core.engine_client import EngineError
-from ..layers import LayerCopy, LayerError, needs_copy, temp_copy_path
+from ..layers import LayerCopy, LayerError, PreviewLayer, needs_copy, temp_copy_path
 from ..processing.base import ProgressMapper
 from ..styling import classes_from_vector_layer
 from .band_table import Band, BandTable
+from .chart import TrainingChart, time_left
 from .class_table import ClassTable
 from .defaults import default_layers, new_model_folder, preferred_class_field, project_layers
 from .engine_info import request_models_info
@@ -65,6 +72,9 @@ class TrainDialog(QDialog):
         self.task: EngineTask | None = None
         self._field_layer_id = None
         self._auto_out = ""
+        self._last_model = ""  # the model the last run wrote (offered to continue from)
+        self.preview = PreviewLayer()
+        self._preview_dir: str | None = None
         self.setWindowTitle("GeoPEFT — Train segmentation model")
         self.setWindowIcon(icon("train.svg"))
         self._build()
@@ -94,7 +104,18 @@ class TrainDialog(QDialog):
         self.labels.setAllowEmptyLayer(True)
         self.labels.setToolTip("A class raster (one integer band), or polygons with a class field.")
         self.labels.layerChanged.connect(self._labels_changed)
-        form.addRow("Labels", self.labels)
+        labels_box = QWidget()
+        labels_row = QHBoxLayout(labels_box)
+        labels_row.setContentsMargins(0, 0, 0, 0)
+        labels_row.addWidget(self.labels, 1)
+        self.new_labels_button = QPushButton("New labels layer…")
+        self.new_labels_button.setToolTip(
+            "Create an empty polygon GeoPackage to draw labels in: a 'class' field with the classes "
+            "below (or two to start with), styled by class, in the CRS of the first input raster. "
+            "It is chosen as the labels and opened for editing.")
+        self.new_labels_button.clicked.connect(lambda: self.new_labels_layer())
+        labels_row.addWidget(self.new_labels_button)
+        form.addRow("Labels", labels_box)
         self.label_field = QgsFieldComboBox()
         self.label_field.fieldChanged.connect(lambda *_: self._update_classes())
         form.addRow("Class field", self.label_field)
@@ -129,6 +150,20 @@ class TrainDialog(QDialog):
 
         model = QGroupBox("Model")
         mform = QFormLayout(model)
+        self.init_from = QgsFileWidget()
+        self.init_from.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.init_from.setDialogTitle("Trained model folder to continue from")
+        self.init_from.lineEdit().setPlaceholderText("(a new model)")
+        self.init_from.setToolTip("Continue training from a model trained before (e.g. after correcting or adding "
+                                  "labels): it keeps that model's foundation model, tuning, decoder, bands and "
+                                  "classes and starts from its trained weights. The result is a new model folder "
+                                  "whose card names its parent.")
+        self.init_from.fileChanged.connect(lambda *_: self._init_from_changed())
+        mform.addRow("Continue from", self.init_from)
+        self.init_note = QLabel("")
+        self.init_note.setWordWrap(True)
+        self.init_note.setVisible(False)
+        mform.addRow("", self.init_note)
         self.backbone = QComboBox()
         self.backbone.addItems(BACKBONES)
         self.backbone.currentTextChanged.connect(lambda name: self.band_table.set_model(name))
@@ -199,6 +234,27 @@ class TrainDialog(QDialog):
         for device in DEVICES:
             self.device.addItem(DEVICE_LABELS[device], device)
         tform.addRow("Device", self.device)
+        preview_row = QWidget()
+        row = QHBoxLayout(preview_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.preview_on = QCheckBox("every")
+        self.preview_on.setChecked(True)
+        self.preview_every = QSpinBox()
+        self.preview_every.setRange(1, 1000)
+        self.preview_every.setValue(5)
+        self.preview_every.setSuffix(" epochs")
+        self.preview_on.toggled.connect(self.preview_every.setEnabled)
+        self.preview_now = QPushButton("Preview now")
+        self.preview_now.setEnabled(False)
+        self.preview_now.clicked.connect(self.request_preview)
+        tip = ("While training, the model as it stands is predicted on the map view (at most 1024 x 1024 px "
+               "of it) and shown as a temporary layer that updates in place. Preview now: the current map "
+               "view, after the current batch.")
+        for widget in (self.preview_on, self.preview_every, self.preview_now):
+            widget.setToolTip(tip)
+            row.addWidget(widget)
+        row.addStretch(1)
+        tform.addRow("Map preview", preview_row)
         self.out = QgsFileWidget()
         self.out.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.out.setDialogTitle("Folder for the trained model")
@@ -214,6 +270,7 @@ class TrainDialog(QDialog):
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.metrics = QLabel("")
+        self.chart = TrainingChart()
         self.messages = MessagePanel(self.iface, self)
 
         self.buttons = QDialogButtonBox()
@@ -224,6 +281,12 @@ class TrainDialog(QDialog):
         self.resume_button = QPushButton("Resume")  # shown when the Output folder holds a cancelled run
         self.resume_button.setVisible(False)
         self.resume_button.clicked.connect(self.resume)
+        self.continue_button = QPushButton("Continue from this model")  # shown after a run
+        self.continue_button.setToolTip("Train again from the model just written, e.g. after correcting or "
+                                        "adding labels (into a new folder)")
+        self.continue_button.setVisible(False)
+        self.continue_button.clicked.connect(self.continue_from_last)
+        self.buttons.addButton(self.continue_button, QDialogButtonBox.ButtonRole.ActionRole)
         self.buttons.addButton(self.resume_button, QDialogButtonBox.ButtonRole.ActionRole)
         self.buttons.addButton(self.train_button, QDialogButtonBox.ButtonRole.ActionRole)
         self.buttons.addButton(self.cancel_button, QDialogButtonBox.ButtonRole.ActionRole)
@@ -248,9 +311,10 @@ class TrainDialog(QDialog):
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.metrics)
+        layout.addWidget(self.chart)
         layout.addWidget(self.messages)
         layout.addWidget(self.buttons)
-        self.resize(QSize(1040, 820))
+        self.resize(QSize(1040, 940))
 
     # -- populating from the project ---------------------------------------------------------
     def populate(self, *_args) -> None:
@@ -337,6 +401,46 @@ class TrainDialog(QDialog):
         self.out.setFilePath(self._auto_out)
 
     # -- labels --------------------------------------------------------------------------------
+    def new_labels_layer(self, path: str | None = None) -> QgsVectorLayer | None:
+        """Create a labels GeoPackage at ``path`` (asked for when None) for the analyst to draw
+        in (``labels.create_labels_layer``: the classes of the table, or two to start with; the
+        CRS of the first ticked raster, else the project's), add it to the project, choose it
+        as the labels with its ``class`` field, and start editing it. Returns the layer."""
+        if self.task is not None:  # the labels cannot change while training
+            return None
+        rasters = self.checked_rasters()
+        if path is None:
+            from qgis.PyQt.QtWidgets import QFileDialog
+            folder = os.path.dirname(rasters[0].source()) if rasters else ""
+            path, _ = QFileDialog.getSaveFileName(self, "New labels layer", os.path.join(folder, "labels.gpkg"),
+                                                  "GeoPackage (*.gpkg)")
+            if not path:
+                return None
+        if not path.lower().endswith(".gpkg"):
+            path += ".gpkg"
+        path = os.path.abspath(path)
+        project = QgsProject.instance()
+        if any(os.path.abspath(x.source().split("|")[0]) == path for x in project.mapLayers().values()):
+            self.bar.pushMessage("GeoPEFT", f"{path} is open in the project: choose another file name.",
+                                 Qgis.MessageLevel.Warning, 10)
+            return None
+        crs = rasters[0].crs() if rasters else project.crs()
+        try:
+            layer = create_labels_layer(path, crs, self.class_table.classes())
+        except LabelsError as exc:
+            self.bar.pushMessage("GeoPEFT", str(exc), Qgis.MessageLevel.Critical, 10)
+            return None
+        project.addMapLayer(layer)
+        self.labels.setLayer(layer)
+        self.label_field.setField(TEMPLATE_CLASS_FIELD)
+        layer.startEditing()
+        if self.iface is not None:
+            self.iface.setActiveLayer(layer)
+            self.iface.actionAddFeature().trigger()  # the map tool to draw polygons
+        self.bar.pushMessage("GeoPEFT", f"Draw polygons in '{layer.name()}' and choose each one's class; "
+                             "save the edits before training.", Qgis.MessageLevel.Info, 10)
+        return layer
+
     def _labels_changed(self, layer) -> None:
         vector = isinstance(layer, QgsVectorLayer)
         running = self.task is not None
@@ -462,6 +566,7 @@ class TrainDialog(QDialog):
             lr=self.lr.value() or None,
             device=self.device.currentData(),
             out=self.out.filePath().strip(),
+            init_from=self.init_from.filePath().strip() or None,
         )
 
     def validate(self) -> list[str]:
@@ -476,6 +581,11 @@ class TrainDialog(QDialog):
         doubled = sorted({n for n in names if names.count(n) > 1})
         if doubled:
             problems.append(f"Band names must differ; under Bands, {', '.join(doubled)} is used twice.")
+        # the engine reads the file: edits not saved are not in it (a layer copied for the engine
+        # takes its features from QGIS, edits included)
+        if isinstance(labels_layer, QgsVectorLayer) and labels_layer.isModified() and not needs_copy(labels_layer):
+            problems.append(f"The labels layer '{labels_layer.name()}' has unsaved edits: save them (Layer ▸ Save "
+                            "Layer Edits) so that training uses them.")
         if isinstance(labels_layer, QgsVectorLayer) and not self.label_field.currentField():
             problems.append(f"Choose the Class field of the polygon labels '{labels_layer.name()}'.")
         if isinstance(labels_layer, QgsRasterLayer):
@@ -536,8 +646,9 @@ class TrainDialog(QDialog):
         if self.validate():
             return None
         copy_to = temp_copy_path() if needs_copy(self.labels.currentLayer()) else None
-        args = self.command(copy_to)
+        args = train_args(self._with_previews(self.config(copy_to)))
         self.metrics.setText("")  # nothing of the previous run stays on screen
+        self.chart.clear()
         self.progress.setValue(0)
         self.messages.clear()
         self.bar.clearWidgets()
@@ -582,7 +693,9 @@ class TrainDialog(QDialog):
         if self.task is not None or resume_info(folder) is None:
             return None
         args = ["train", "--resume", folder]
+        self._drop_previews()  # a resumed run previews nothing
         self.metrics.setText("")
+        self.chart.clear()
         self.progress.setValue(0)
         self.messages.clear()
         self.bar.clearWidgets()
@@ -604,20 +717,121 @@ class TrainDialog(QDialog):
         self.train_button.setEnabled(not running)
         self._update_resume()
         self.cancel_button.setEnabled(running)
+        self.continue_button.setVisible(not running and bool(self._last_model))
+        self.preview_now.setEnabled(running and self._preview_dir is not None)
         for widget in (self.rasters, self.band_table, self.labels, self.label_field, self.use_ignore,
                        self.ignore_value, self.class_table, self.backbone, self.weights, self.tuning,
                        self.decoder, self.chip_size, self.epochs, self.max_time, self.batch_size,
-                       self.lr, self.device, self.out):
+                       self.lr, self.device, self.out, self.init_from, self.preview_on, self.preview_every,
+                       self.new_labels_button):
             widget.setEnabled(not running)
         if not running:
             self.weights_file.setEnabled(self.weights.currentData() == "file")
+            self.preview_every.setEnabled(self.preview_on.isChecked())
             self._labels_changed(self.labels.currentLayer())
+            self._init_from_changed()
+
+    # -- continue training from a model ----------------------------------------------------------
+    def _init_from_changed(self) -> None:
+        """With a model to continue from, its choices are the run's: shown, and not editable."""
+        folder = self.init_from.filePath().strip()
+        card = read_card(folder) if folder else None
+        inherited = (self.backbone, self.weights, self.weights_file, self.tuning, self.decoder, self.chip_size)
+        for widget in inherited:
+            widget.setEnabled(card is None and self.task is None)
+        if card is None:
+            if self.task is None:
+                self.weights_file.setEnabled(self.weights.currentData() == "file")
+            self.init_note.setVisible(bool(folder))
+            self.init_note.setText(f"{folder} is not a trained model folder (it has no card.json)." if folder else "")
+            return
+        index = self.backbone.findText(card.get("backbone", {}).get("name", ""))
+        if index >= 0:
+            self.backbone.setCurrentIndex(index)
+        for combo, value in ((self.tuning, card.get("tuning", {}).get("method")), (self.decoder, card.get("decoder"))):
+            found = combo.findData(value)
+            if found >= 0:
+                combo.setCurrentIndex(found)
+        self.chip_size.setValue(int(card.get("chip_size") or 0))
+        training = card.get("training") or {}
+        miou = training.get("best_val_miou")
+        classes = ", ".join(str(c.get("name")) for c in card.get("classes", []))
+        self.init_note.setText(
+            f"Continues {os.path.basename(os.path.normpath(folder))}: {card.get('backbone', {}).get('name')} + "
+            f"{card.get('decoder')}, {card.get('tuning', {}).get('method')}, classes {classes}"
+            + (f"; its validation mIoU {miou:.3f}" if isinstance(miou, (int, float)) else "")
+            + ". Its model choices, bands and classes are kept; labels may be new or corrected.")
+        self.init_note.setVisible(True)
+
+    def continue_from_last(self) -> None:
+        """Set up the next round: continue from the model just written, into a new folder."""
+        if not self._last_model:
+            return
+        self.init_from.setFilePath(self._last_model)
+        self._auto_out = self.out.filePath().strip()
+        self._suggest_output()
+        self.status.setText(f"Next round: training continues from {self._last_model}. Correct or add labels, "
+                            "then Train.")
+
+    # -- previews on the map -----------------------------------------------------------------------
+    def _preview_extent(self) -> str | None:
+        """The map view in the first input raster's CRS, within the raster (None: no map view,
+        or it misses the raster: the engine previews the raster's centre)."""
+        layers = self.checked_rasters()
+        canvas = self.iface.mapCanvas() if self.iface is not None else None
+        if not layers or canvas is None or canvas.extent().isEmpty():
+            return None
+        raster = layers[0]
+        transform = QgsCoordinateTransform(canvas.mapSettings().destinationCrs(), raster.crs(), QgsProject.instance())
+        try:
+            box = transform.transformBoundingBox(canvas.extent())
+        except Exception:  # noqa: BLE001 - QgsCsException: a view that does not project to the raster's CRS
+            return None
+        box = box.intersect(raster.extent())
+        if box.isEmpty():
+            return None
+        return aoi_box(box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())
+
+    def _with_previews(self, config: TrainConfig) -> TrainConfig:
+        """The run's configuration with the preview options (a fresh temporary folder)."""
+        self._drop_previews()
+        self._preview_dir = tempfile.mkdtemp(prefix="geopeft-preview-")
+        return replace(config, preview_dir=self._preview_dir,
+                       preview_every=self.preview_every.value() if self.preview_on.isChecked() else 0,
+                       preview_extent=self._preview_extent(),
+                       preview_request=os.path.join(self._preview_dir, "request.json"))
+
+    def request_preview(self) -> None:
+        """Ask the running engine for a preview of the current map view (after its current batch)."""
+        if self.task is None or self._preview_dir is None:
+            return
+        request = os.path.join(self._preview_dir, "request.json")
+        tmp = request + ".partial"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"extent": self._preview_extent()}, f)
+        os.replace(tmp, request)  # the engine never reads half a request
+        self.status.setText("Preview asked for: it comes after the current training step.")
+
+    def _drop_previews(self) -> None:
+        """The previous run's preview layer and files."""
+        self.preview.remove()
+        if self._preview_dir:
+            shutil.rmtree(self._preview_dir, ignore_errors=True)
+        self._preview_dir = None
+
+    def _show_preview(self, event: dict) -> None:
+        layer = self.preview.show(event["path"], event.get("classes") or self.classes,
+                                  f"epoch {event.get('epoch')}")
+        if layer is None:
+            self.messages.add_log(f"Preview {event['path']} could not be loaded.")
 
     def _on_event(self, event: dict) -> None:
         kind = event["event"]
         percent = self._mapper.percent(event)
         if percent is not None:
             self.progress.setValue(int(percent))
+        if kind == "artifact" and event.get("kind") == "preview":
+            self._show_preview(event)
         if kind == "progress":
             if event.get("stage") == "train":
                 parts = []
@@ -627,10 +841,14 @@ class TrainDialog(QDialog):
                     parts.append(f"step {event['step']}/{event['total']}")
                 if isinstance(event.get("loss"), (int, float)):
                     parts.append(f"loss {event['loss']:.4f}")
+                left = time_left(event)
+                if left:
+                    parts.append(left)
                 self.status.setText(" · ".join(parts) or "Training…")
             else:
                 self.status.setText(event.get("message") or f"{event.get('stage', '').capitalize()}…")
         elif kind == "metric":
+            self.chart.on_event(event)
             self._metrics[event["name"]] = event["value"]
             text = []
             if "val_miou" in self._metrics:
@@ -681,11 +899,14 @@ class TrainDialog(QDialog):
         if self.iface is not None:
             self.iface.messageBar().pushMessage("GeoPEFT", text, Qgis.MessageLevel.Success, 10)
         log(text)
+        self._last_model = out
+        self.continue_button.setVisible(True)
         self._auto_out = self.out.filePath().strip()  # the next run gets a new folder
         self._suggest_output()
 
     def closeEvent(self, event):  # noqa: N802 - Qt API
-        # the task keeps running in QGIS's task manager (with its own cancel button)
+        # the task keeps running in QGIS's task manager (with its own cancel button); the preview
+        # layer stays on the map until the next run
         super().closeEvent(event)
 
 

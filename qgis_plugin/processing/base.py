@@ -16,7 +16,7 @@ from ..layers import LayerError, layer_path as _layer_path
 # progress range (percent) of each engine stage, per command
 STAGES = {
     "train": {"prepare": (0, 5), "train": (5, 99), "validate": (5, 99)},
-    "predict": {"prepare": (0, 5), "predict": (5, 95), "polygons": (95, 100)},
+    "predict": {"prepare": (0, 5), "predict": (5, 95), "uncertain_areas": (95, 95), "polygons": (95, 100)},
     "export": {"prepare": (0, 10), "export": (10, 100)},
     "evaluate": {"prepare": (0, 10), "evaluate": (10, 100)},
 }

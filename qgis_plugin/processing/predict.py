@@ -29,8 +29,8 @@ from ..core.bands import ModelsInfo, fetch_models_info
 from ..core.commands import DEVICES, PredictConfig, parse_bands, predict_args, read_card, validate_predict
 from ..core.engine_client import EngineError
 from ..core.rasterinfo import band_descriptions, grid_problems
-from ..styling import (classes_from_raster_file, normalise_classes, save_polygon_style,
-                       style_polygons, style_prediction, style_uncertainty)
+from ..styling import (classes_from_raster_file, normalise_classes, save_areas_style, save_polygon_style,
+                       style_polygons, style_prediction, style_uncertain_areas, style_uncertainty)
 from .base import EngineAlgorithm, layer_path
 
 MODEL_FILTER = "GeoPEFT model (card.json *.onnx);;All files (*)"  # "(*)" lets a folder through
@@ -41,7 +41,8 @@ _POST_PROCESSORS: list = []
 
 class ClassStyler(QgsProcessingLayerPostProcessorInterface):
     """Styles a result layer when Processing loads it into the project: the class raster and
-    polygons by class, the uncertainty raster on its ramp (``kind``: raster/vector/uncertainty)."""
+    polygons by class, the uncertainty raster on its ramp, the uncertain areas outlined with their
+    rank (``kind``: raster/vector/uncertainty/areas)."""
 
     def __init__(self, classes: list[dict], kind: str):
         super().__init__()
@@ -53,6 +54,8 @@ class ClassStyler(QgsProcessingLayerPostProcessorInterface):
             style_prediction(layer, self.classes)
         elif self.kind == "uncertainty":
             style_uncertainty(layer)
+        elif self.kind == "areas":
+            style_uncertain_areas(layer)
         else:
             style_polygons(layer, self.classes)
 
@@ -76,6 +79,8 @@ class PredictAlgorithm(EngineAlgorithm):
     UNCERTAINTY = "UNCERTAINTY"
     POLYGONS = "POLYGONS"
     MIN_AREA = "MIN_AREA"
+    UNCERTAIN_AREAS = "UNCERTAIN_AREAS"
+    AREA_COUNT = "AREA_COUNT"
     BATCH_SIZE = "BATCH_SIZE"
     DEVICE = "DEVICE"
     CLASSES = "CLASSES"
@@ -102,7 +107,11 @@ class PredictAlgorithm(EngineAlgorithm):
             "class names and colours. Optionally the per-class probabilities; the <b>uncertainty</b> "
             "(0-100, normalised entropy of the probabilities: label the high places next); and "
             "class <b>polygons</b> in a GeoPackage (fields class_value, class_name, area; styled "
-            "by class), without regions smaller than <b>Minimum polygon area</b> (CRS units²).\n\n"
+            "by class), without regions smaller than <b>Minimum polygon area</b> (CRS units²); and "
+            "the <b>most uncertain areas</b> (where to label next): the squares of the model's chip "
+            "size with the highest mean uncertainty, at least half valid, as polygons ranked 1 = "
+            "most uncertain (fields rank, mean_uncertainty, valid_fraction; <b>Number of uncertain "
+            "areas</b>, default 10).\n\n"
             "<b>Where to predict</b> (all optional; default: the whole raster). Pixels outside are "
             "nodata in every output, tiles with nothing inside are not computed, and the outputs "
             "stay on the input's grid. <b>Predict only inside this extent</b>: a box in any CRS, "
@@ -153,6 +162,14 @@ class PredictAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.MIN_AREA, self.tr("Minimum polygon area (CRS units², with polygons; empty: keep all)"),
             QgsProcessingParameterNumber.Type.Double, optional=True, minValue=0))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.UNCERTAIN_AREAS, self.tr("Most uncertain areas: where to label next (GeoPackage)"),
+            QgsProcessing.SourceType.TypeVectorPolygon, optional=True, createByDefault=False))
+        count = QgsProcessingParameterNumber(
+            self.AREA_COUNT, self.tr("Number of uncertain areas (empty: 10)"),
+            QgsProcessingParameterNumber.Type.Integer, optional=True, minValue=1, maxValue=10000)
+        count.setFlags(count.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
+        self.addParameter(count)
         self.addOutput(QgsProcessingOutputString(self.CLASSES, self.tr("Classes (JSON)")))
 
     def bands(self, parameters, context, model: str, images: list[str], feedback) -> list[int]:
@@ -197,6 +214,14 @@ class PredictAlgorithm(EngineAlgorithm):
             raise QgsProcessingException(self.tr(
                 "Class polygons (POLYGONS) are written as a GeoPackage: give a .gpkg file "
                 "(got {}).").format(polygons))
+        areas = self.parameterAsOutputLayer(parameters, self.UNCERTAIN_AREAS, context) or None
+        if areas and not areas.split("|")[0].lower().endswith(".gpkg"):
+            raise QgsProcessingException(self.tr(
+                "The uncertain areas (UNCERTAIN_AREAS) are written as a GeoPackage: give a .gpkg "
+                "file (got {}).").format(areas))
+        area_count = parameters.get(self.AREA_COUNT)
+        area_count = (None if area_count in (None, "") or not areas
+                      else self.parameterAsInt(parameters, self.AREA_COUNT, context))
         min_area = parameters.get(self.MIN_AREA)
         min_area = (None if min_area in (None, "") or not polygons
                     else self.parameterAsDouble(parameters, self.MIN_AREA, context) or None)
@@ -226,6 +251,8 @@ class PredictAlgorithm(EngineAlgorithm):
             device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
             aoi=aoi,
             mask=mask,
+            uncertain_areas=areas.split("|")[0] if areas else None,
+            area_count=area_count,
         )
 
     def extent_aoi(self, parameters, context, layer) -> str | None:
@@ -283,10 +310,12 @@ class PredictAlgorithm(EngineAlgorithm):
         classes = normalise_classes(raster.get("classes")) or classes_from_raster_file(out)
         ClassStyler.attach(context, config.out, classes, "raster")
         results = {self.OUTPUT: out, self.CLASSES: json.dumps(classes),
-                   self.PROBABILITIES: None, self.UNCERTAINTY: None, self.POLYGONS: None}
+                   self.PROBABILITIES: None, self.UNCERTAINTY: None, self.POLYGONS: None,
+                   self.UNCERTAIN_AREAS: None}
         for key, kind, asked in ((self.PROBABILITIES, "probabilities", config.probabilities),
                                  (self.UNCERTAINTY, "uncertainty", config.uncertainty),
-                                 (self.POLYGONS, "polygons", config.polygons)):
+                                 (self.POLYGONS, "polygons", config.polygons),
+                                 (self.UNCERTAIN_AREAS, "uncertain_areas", config.uncertain_areas)):
             if asked:
                 results[key] = (result.artifact(kind) or {}).get("path") or asked
         if config.uncertainty:
@@ -295,4 +324,8 @@ class PredictAlgorithm(EngineAlgorithm):
             save_polygon_style(results[self.POLYGONS], classes)
             ClassStyler.attach(context, self.parameterAsOutputLayer(parameters, self.POLYGONS, context),
                                classes, "vector")
+        if config.uncertain_areas:
+            save_areas_style(results[self.UNCERTAIN_AREAS])
+            ClassStyler.attach(context, self.parameterAsOutputLayer(parameters, self.UNCERTAIN_AREAS, context),
+                               classes, "areas")
         return results

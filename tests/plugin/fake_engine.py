@@ -6,7 +6,9 @@ reports done cancelled), ``usererror`` (error event + exit 2), ``crash`` (traceb
 the engine), ``leak`` (reports its environment), ``echo`` (done at once, reporting its argv), ``predict``
 (writes small outputs on the input's grid as the real engine names them: class raster, uncertainty
 uint8 0-100 with nodata 255, polygons GeoPackage layer "predictions" with class_value,
-class_name, area; reports each as an artifact). ``$FAKE_ENGINE_MODE`` overrides the command.
+class_name, area; uncertain areas GeoPackage layer "uncertain_areas" with rank, mean_uncertainty,
+valid_fraction: the whole squares of --area-size px (default 32) by mean uncertainty; reports each
+as an artifact). ``$FAKE_ENGINE_MODE`` overrides the command.
 ``$FAKE_ENGINE_RECORD`` (a folder): what the engine got, before anything runs: ``argv.json`` and a
 copy of the files given to --aoi/--mask/--labels (``aoi.gpkg``, ``mask.tif``, ``labels.gpkg``: the
 plugin may delete its own temporary ones afterwards).
@@ -126,6 +128,38 @@ def fake_predict():
         ds = None
         emit("artifact", kind="polygons", path=option("--polygons"), layer="predictions",
              polygons=count)
+    if option("--uncertain-areas"):
+        size, count = int(option("--area-size", 32)), int(option("--area-count", 10))
+        ramp = (np.arange(width) * 100 // max(width - 1, 1)).astype("float64")
+        ramp = np.broadcast_to(ramp, (height, width)).copy()
+        ramp[0, :] = np.nan  # the nodata row
+        cells = []
+        for row in range(0, height - size + 1, size):
+            for col in range(0, width - size + 1, size):
+                block = ramp[row:row + size, col:col + size]
+                valid = ~np.isnan(block)
+                cells.append((-float(block[valid].mean()), row, col, valid.mean()))
+        cells = sorted(cells)[:count]
+        ds = ogr.GetDriverByName("GPKG").CreateDataSource(option("--uncertain-areas"))
+        srs = osr.SpatialReference(wkt=projection) if projection else None
+        layer = ds.CreateLayer("uncertain_areas", srs, ogr.wkbPolygon)
+        layer.CreateField(ogr.FieldDefn("rank", ogr.OFTInteger))
+        layer.CreateField(ogr.FieldDefn("mean_uncertainty", ogr.OFTReal))
+        layer.CreateField(ogr.FieldDefn("valid_fraction", ogr.OFTReal))
+        x0, dx, _, y0, _, dy = transform
+        for rank, (mean, row, col, fraction) in enumerate(cells, start=1):
+            left, top = x0 + col * dx, y0 + row * dy
+            right, bottom = left + size * dx, top + size * dy
+            feature = ogr.Feature(layer.GetLayerDefn())
+            feature.SetField("rank", rank)
+            feature.SetField("mean_uncertainty", round(-mean, 3))
+            feature.SetField("valid_fraction", float(fraction))
+            feature.SetGeometry(ogr.CreateGeometryFromWkt(
+                f"POLYGON(({left} {top},{right} {top},{right} {bottom},{left} {bottom},{left} {top}))"))
+            layer.CreateFeature(feature)
+        ds = None
+        emit("artifact", kind="uncertain_areas", path=option("--uncertain-areas"), layer="uncertain_areas",
+             areas=len(cells), size_px=size, count=count)
     emit("done", ok=True, cancelled=False, out=option("--out"))
 
 
