@@ -166,8 +166,8 @@ class PreviewLayer:
             if not layer.isValid():
                 return None
             style_prediction(layer, classes)
+            self.layer_id = layer.id()  # known before the project announces it (dialogs list layers then)
             QgsProject.instance().addMapLayer(layer)
-            self.layer_id = layer.id()
         else:
             layer.setDataSource(path, name, "gdal", QgsDataProvider.ProviderOptions())
             if not layer.isValid():

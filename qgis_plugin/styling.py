@@ -142,6 +142,12 @@ def classes_from_raster_layer(layer: QgsRasterLayer) -> list[dict]:
                 continue
             classes.append({"value": value, "name": c.label if named else f"class {value}",
                             "colour": c.color.name()})
+        # a palette QGIS made from the colour table names classes by number: the file's
+        # GEOPEFT_CLASSES tag (demo labels, predictions) names them
+        tagged = {c["value"]: c["name"] for c in classes_from_raster_file(layer.source())}
+        for c in classes:
+            if c["name"] == f"class {c['value']}" and tagged.get(c["value"]):
+                c["name"] = tagged[c["value"]]
         return normalise_classes(classes)
     return classes_from_raster_file(layer.source())
 

@@ -323,7 +323,7 @@ class TrainDialog(QDialog):
         self.rasters.blockSignals(True)
         self.rasters.clear()
         for layer in project_layers():
-            if isinstance(layer, QgsRasterLayer) and layer.isValid():
+            if isinstance(layer, QgsRasterLayer) and layer.isValid() and layer.id() != self.preview.layer_id:
                 item = QListWidgetItem(layer.name())
                 item.setData(LAYER_ID, layer.id())
                 item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
@@ -824,6 +824,8 @@ class TrainDialog(QDialog):
                                   f"epoch {event.get('epoch')}")
         if layer is None:
             self.messages.add_log(f"Preview {event['path']} could not be loaded.")
+        else:  # a picture of the model, never its input or labels
+            self.labels.setExceptedLayerList([layer])
 
     def _on_event(self, event: dict) -> None:
         kind = event["event"]

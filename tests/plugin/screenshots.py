@@ -4,8 +4,12 @@
 
 The dialogs are filled from a small project: the Sen1Floods11 chip of tests/data (its labels'
 -1 set as no-data in QGIS) and the generated test rasters. The Train dialog asks the engine for
-the model's pretrained bands (``engine models``), and is shown mid-run by feeding it the engine
-events a real run emits (no training is started), so the pictures are reproducible.
+the model's pretrained bands (``engine models``).
+
+The analyst's loop is shown from a real run (about a minute): the Train dialog trains on the
+demo scene's labels (random weights, seed 0) with map previews every 2 epochs; it is grabbed
+mid-run (the live chart, the time left) and at the end, the last preview is drawn beside the
+image, and the evaluation report of its prediction is rendered (QtWebKit, else QTextBrowser).
 """
 from __future__ import annotations
 
@@ -23,6 +27,124 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from plugin_testdata import REPO, write_test_data  # noqa: E402
+
+
+def loop_screenshots(work: Path, out: Path, grab, settle) -> None:
+    """The analyst's loop from a real training run on the demo scene (see the module's doc)."""
+    import subprocess
+
+    from qgis.core import QgsMapRendererParallelJob, QgsMapSettings, QgsProject, QgsRasterLayer
+    from qgis.PyQt.QtCore import QCoreApplication, QSize, Qt
+    from qgis.PyQt.QtGui import QColor, QImage, QPainter
+
+    from qgis_plugin.dialogs.train_dialog import TrainDialog
+
+    os.environ.setdefault("GEOPEFT_ENGINE_PYTHON", sys.executable)
+    python = os.environ["GEOPEFT_ENGINE_PYTHON"]
+    scene_dir = work / "demo"
+    subprocess.run([python, "-m", "engine", "demo-data", "--out", str(scene_dir), "--size", "384"], check=True,
+                   cwd=REPO, capture_output=True)
+    project = QgsProject.instance()
+    project.clear()
+    scene = QgsRasterLayer(str(scene_dir / "scene.tif"), "demo scene")
+    labels = QgsRasterLayer(str(scene_dir / "labels.tif"), "land cover labels")
+    project.addMapLayers([scene, labels])
+    train = TrainDialog(None)
+    train.set_checked_rasters([scene])
+    train.labels.setLayer(labels)
+    train.weights.setCurrentIndex(train.weights.findData("none"))
+    train.epochs.setValue(16)
+    train.preview_every.setValue(2)
+    train.out.setFilePath(str(work / "models" / "demo_round1"))
+    train.show()
+    train.start()
+    settle(lambda: train.chart.epochs >= 7 or train.task is None, timeout=600)
+    grab(train, "train-dialog-running.png")
+    train.show()
+    settle(lambda: train.task is None, timeout=600)
+    grab(train, "train-dialog-loop.png")
+
+    # the last preview beside the image (natural colours)
+    preview = train.preview.layer
+    scene.setRenderer(_natural_colours(scene))
+    side = 420
+    picture = QImage(2 * side + 10, side + 24, QImage.Format.Format_ARGB32)
+    picture.fill(QColor("white"))
+    painter = QPainter(picture)
+    for i, (layer, title) in enumerate(((scene, "demo scene (red, green, blue)"), (preview, preview.name()))):
+        settings = QgsMapSettings()
+        settings.setLayers([layer])
+        settings.setDestinationCrs(scene.crs())
+        settings.setExtent(scene.extent())
+        settings.setOutputSize(QSize(side, side))
+        settings.setBackgroundColor(QColor("white"))
+        job = QgsMapRendererParallelJob(settings)
+        job.start()
+        job.waitForFinished()
+        painter.drawImage(i * (side + 10), 24, job.renderedImage())
+        painter.drawText(i * (side + 10), 0, side, 22, int(Qt.AlignmentFlag.AlignCenter), title)
+    painter.end()
+    picture.save(str(out / "training-preview.png"))
+    print(out / "training-preview.png")
+
+    model = work / "models" / "demo_round1"
+    prediction, report = work / "prediction.tif", work / "report.html"
+    for args in (["predict", "--model", model, "--image", scene_dir / "scene.tif", "--out", prediction],
+                 ["evaluate", "--prediction", prediction, "--labels", scene_dir / "labels.tif", "--report", report]):
+        subprocess.run([python, "-m", "engine", *map(str, args)], check=True, cwd=REPO, capture_output=True)
+    _render_html(report, out / "evaluation-report.png")
+    QCoreApplication.processEvents()
+    train.close()
+
+
+def _natural_colours(layer):
+    from qgis.core import QgsContrastEnhancement, QgsMultiBandColorRenderer, QgsRasterBandStats
+
+    renderer = QgsMultiBandColorRenderer(layer.dataProvider(), 3, 2, 1)
+    for band, setter in ((3, renderer.setRedContrastEnhancement), (2, renderer.setGreenContrastEnhancement),
+                         (1, renderer.setBlueContrastEnhancement)):
+        stats = layer.dataProvider().bandStatistics(band, QgsRasterBandStats.Stats.All)
+        enhancement = QgsContrastEnhancement(layer.dataProvider().dataType(band))
+        enhancement.setContrastEnhancementAlgorithm(QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum)
+        enhancement.setMinimumValue(stats.mean - 2 * stats.stdDev)
+        enhancement.setMaximumValue(stats.mean + 2 * stats.stdDev)
+        setter(enhancement)
+    return renderer
+
+
+def _render_html(html: Path, png: Path, width: int = 1000) -> None:
+    """The report as the browser shows it: QtWebKit when installed, else QTextBrowser."""
+    from qgis.PyQt.QtCore import QCoreApplication, QSize, QUrl
+    from qgis.PyQt.QtGui import QColor, QImage, QPainter
+
+    try:
+        from qgis.PyQt.QtWebKitWidgets import QWebPage
+    except ImportError:
+        QWebPage = None
+    if QWebPage is not None:
+        page = QWebPage()
+        loaded = []
+        page.mainFrame().loadFinished.connect(loaded.append)
+        page.mainFrame().load(QUrl.fromLocalFile(str(html)))
+        end = time.monotonic() + 30
+        while not loaded and time.monotonic() < end:
+            QCoreApplication.processEvents()
+            time.sleep(0.02)
+        page.setViewportSize(QSize(width, 800))
+        page.setViewportSize(QSize(width, page.mainFrame().contentsSize().height()))
+        image = QImage(page.viewportSize(), QImage.Format.Format_ARGB32)
+        image.fill(QColor("white"))
+        painter = QPainter(image)
+        page.mainFrame().render(painter)
+        painter.end()
+    else:
+        from qgis.PyQt.QtWidgets import QTextBrowser
+        view = QTextBrowser()
+        view.setHtml(html.read_text(encoding="utf-8"))
+        view.resize(width, 2400)
+        image = view.grab().toImage()
+    image.save(str(png))
+    print(png)
 
 
 def main(argv=None) -> int:
@@ -83,19 +205,7 @@ def main(argv=None) -> int:
     train.max_time.setText("30m")
     train.out.setFilePath("/home/analyst/floods/models/S2Hand")
     grab(train, "train-dialog.png")
-    train._set_running(True)
-    from qgis_plugin.processing.base import ProgressMapper
-    train._mapper = ProgressMapper("train")
-    train._metrics = {}
-    for event in (
-            {"v": 1, "event": "progress", "stage": "train", "step": 412, "total": 1200,
-             "epoch": 7, "loss": 0.3127},
-            {"v": 1, "event": "metric", "name": "val_loss", "value": 0.3561, "stage": "validate",
-             "epoch": 6},
-            {"v": 1, "event": "metric", "name": "val_miou", "value": 0.7342, "stage": "validate",
-             "epoch": 6}):
-        train._on_event(event)
-    grab(train, "train-dialog-running.png")
+    train.close()
 
     model = work / "models" / "S2Hand"
     model.mkdir(parents=True)
@@ -132,6 +242,7 @@ def main(argv=None) -> int:
                  "  Downloading rasterio-1.5.2-cp312-cp312-manylinux_2_28_x86_64.whl"):
         setup.output.appendPlainText(line)
     grab(setup, "setup-dialog.png")
+    loop_screenshots(work, out, grab, settle)  # clears the project: last
     app.exitQgis()
     return 0
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from qgis.core import QgsPalettedRasterRenderer, QgsProject, QgsRasterLayer, QgsRectangle
-from qgis.PyQt.QtCore import QTimer
+from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtGui import QColor
 
 from plugin_testdata import needs_engine, wait_for
@@ -88,6 +88,9 @@ def test_preview_layer_updates_in_place_and_the_next_round_continues(dialog, qgi
     layer = d.preview.layer
     assert layer.isValid() and isinstance(layer.renderer(), QgsPalettedRasterRenderer)
     assert len(QgsProject.instance().mapLayersByName(layer.name())) == 1  # one layer, updated in place
+    # a picture of the model: offered neither as an input raster nor as labels
+    assert layer.id() not in [d.rasters.item(i).data(Qt.ItemDataRole.UserRole) for i in range(d.rasters.count())]
+    assert layer in d.labels.exceptedLayerList()
     shown = canvas.extent().intersect(e)  # the map view (as the canvas fits it), within the raster
     assert shown.height() < e.height()
     assert layer.extent().width() == pytest.approx(shown.width(), abs=60)  # 30 m pixels
