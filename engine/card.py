@@ -190,6 +190,21 @@ def write_card(card: dict, folder: str | os.PathLike) -> Path:
     return path
 
 
+ONNX_CARD_KEY = "geopeft_card"  # the ONNX metadata key holding the card
+
+
+def card_from_onnx_metadata(meta: dict, name: str) -> dict:
+    """The validated card in an exported ONNX file's metadata (``name``: the file's, for messages)."""
+    if ONNX_CARD_KEY not in meta:
+        raise EngineError(f"{name} has no GeoPEFT model card in its metadata",
+                          hint="export the model with 'python -m engine export', or pass the model folder")
+    try:
+        card = json.loads(meta[ONNX_CARD_KEY])
+    except ValueError as exc:
+        raise EngineError(f"the model card in {name} is not valid JSON ({exc})", hint="export the model again") from None
+    return validate_card(card, f"model card in {name}")
+
+
 def read_card(model: str | os.PathLike) -> tuple[dict, Path]:
     """(card, model folder) from a model folder or its card.json."""
     path = Path(model)

@@ -16,7 +16,6 @@ import base64
 import datetime
 import html
 import io
-import json
 import math
 import os
 import re
@@ -46,8 +45,7 @@ def require_matplotlib() -> None:
 
 # -- the model card (for the training curves) -------------------------------------------------
 def _onnx_card(path: Path) -> dict:
-    from engine.card import validate_card
-    from engine.inference.runners import ONNX_CARD_KEY
+    from engine.card import card_from_onnx_metadata
 
     try:
         import onnx
@@ -59,15 +57,7 @@ def _onnx_card(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - any parse failure: not an ONNX file
         raise EngineError(f"{path.name} is not a readable ONNX file ({exc})",
                           hint="pass the model folder, its card.json or the .onnx file 'export' wrote") from None
-    meta = {p.key: p.value for p in model.metadata_props}
-    if ONNX_CARD_KEY not in meta:
-        raise EngineError(f"{path.name} has no GeoPEFT model card in its metadata",
-                          hint="pass the model folder (or its card.json), or an .onnx file written by 'export'")
-    try:
-        card = json.loads(meta[ONNX_CARD_KEY])
-    except ValueError as exc:
-        raise EngineError(f"the model card in {path.name} is not valid JSON ({exc})") from None
-    return validate_card(card, f"model card in {path.name}")
+    return card_from_onnx_metadata({p.key: p.value for p in model.metadata_props}, path.name)
 
 
 def read_model_card(model: str | os.PathLike) -> tuple[dict, str]:

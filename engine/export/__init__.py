@@ -25,7 +25,8 @@ import numpy as np
 from engine.card import read_card
 from engine.data.rasters import current_umask
 from engine.export import agreement, deepness, half, quantize as quantization
-from engine.inference.runners import ONNX_CARD_KEY, load_trained_model
+from engine.card import ONNX_CARD_KEY
+from engine.inference.runners import load_trained_model
 from engine.protocol import EngineError, Reporter
 
 PARITY_TOLERANCE = 1e-4

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from engine.card import CARD_FILE, read_card, validate_card
+from engine.card import CARD_FILE, card_from_onnx_metadata, read_card
 from engine.protocol import EngineError, Reporter
 
-ONNX_CARD_KEY = "geopeft_card"
 
 
 def cpu_count() -> int:
@@ -110,16 +108,7 @@ class OnnxRunner:
                               f"model ({path.stat().st_size:,} bytes; {str(exc).strip()[:300]})",
                               hint=f"export the model again (python -m engine export); a model exported with its "
                                    f"weights in {path.name}.data needs that file beside it") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if ONNX_CARD_KEY not in meta:
-            raise EngineError(f"{path.name} has no GeoPEFT model card in its metadata",
-                              hint="export the model with 'python -m engine export'")
-        try:
-            card = json.loads(meta[ONNX_CARD_KEY])
-        except ValueError as exc:
-            raise EngineError(f"the model card in {path.name} is not valid JSON ({exc})",
-                              hint="export the model again") from None
-        self.card = validate_card(card, f"model card in {path.name}")
+        self.card = card_from_onnx_metadata(self.session.get_modelmeta().custom_metadata_map, path.name)
         self.input_name = self.session.get_inputs()[0].name
         channels = self.session.get_inputs()[0].shape[1:2]
         bands = len(self.card["input"]["bands"])
