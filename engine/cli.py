@@ -186,6 +186,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-time", default="4m", help="training time budget")
     _common(m)
 
+    b = sub.add_parser("embed", help="the foundation model's patch features (or their PCA) as a GeoTIFF",
+                       formatter_class=fmt)
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="trained model folder (or its card.json): its backbone with its tuned "
+                     "adapters, its bands and normalisation")
+    src.add_argument("--backbone", help="a foundation model (see 'models'), its weights from --weights")
+    b.add_argument("--weights", default="auto", help="with --backbone: checkpoint file; 'auto' (hub when "
+                   "reachable, else random), 'hub', or 'none' (random)")
+    b.add_argument("--image", action="append", required=True, metavar="TIF",
+                   help="input raster; repeat to stack several rasters on the same grid")
+    b.add_argument("--bands", help="1-based bands of the stacked images (default: the model's, or all with "
+                   "--backbone)")
+    b.add_argument("--band-names", help="with --backbone: names of the selected bands, comma-separated "
+                   "(default: the band descriptions), matched to the pretrained bands")
+    b.add_argument("--chip-size", type=int, help="with --backbone: tile size in pixels, a multiple of the patch "
+                   "size (default 224); a model folder uses its own")
+    b.add_argument("--out", required=True, help="GeoTIFF to write: float32, one pixel per patch (pixel size = "
+                   "patch size x the input's), nodata -9999")
+    b.add_argument("--components", type=int, default=8, help="principal components to keep (bands 'PC 1'... by "
+                   "decreasing variance, fitted on a sample of patches); 0: every feature (192-1280 bands)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--device", default="auto", help="auto, cpu or gpu")
+    _trust(b, "the backbone checkpoint")
+    _common(b)
+
     ls = sub.add_parser("models", help="list the foundation models", formatter_class=fmt)
     _common(ls)
     return parser
@@ -289,6 +314,28 @@ def cmd_demo(a, reporter: Reporter) -> dict:
     return run_demo(a.out, reporter, max_time=a.max_time)
 
 
+def cmd_embed(a, reporter: Reporter) -> dict:
+    from engine.data.rasters import parse_band_list
+    from engine.inference.embed import embed
+
+    if a.model and (a.weights != "auto" or a.band_names or a.chip_size):
+        raise EngineError("--weights, --band-names and --chip-size go with --backbone; a model folder brings its own",
+                          hint="leave them out with --model")
+    if a.backbone:
+        from engine.models.registry import get_backbone_spec
+        get_backbone_spec(a.backbone)  # an unknown name is refused, listing the known ones
+    summary = embed(a.model or a.backbone, a.image, a.out, backbone=bool(a.backbone), components=a.components,
+                    weights=a.weights,
+                    bands=parse_band_list(a.bands), band_names=_split(a.band_names), chip_size=a.chip_size,
+                    batch_size=a.batch_size, device=a.device, trust_checkpoint=a.trust_checkpoint,
+                    reporter=reporter)
+    if reporter.mode == "human" and summary.get("out"):
+        print(f"embedding written to {summary['out']}: {summary['bands']} bands on {summary['width']}x"
+              f"{summary['height']} patches of {summary['patch_size']} px ({summary['seconds']} s on "
+              f"{summary['device']})")
+    return summary
+
+
 def cmd_models(a, reporter: Reporter) -> dict:
     from engine.models.decoders import DECODERS  # torch: imported here, never at module import
     from engine.models.registry import BACKBONES, BAND_ALIASES
@@ -309,7 +356,8 @@ def cmd_models(a, reporter: Reporter) -> dict:
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export, "evaluate": cmd_evaluate,
-            "demo-data": cmd_demo_data, "demo": cmd_demo, "models": cmd_models}
+            "demo-data": cmd_demo_data, "demo": cmd_demo, "models": cmd_models,
+            "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,8 @@ version ``v`` and its kind ``event``:
 event      fields
 =========  ==================================================================================
 start      command (str), engine_version (str)
-progress   stage (str: "prepare", "train", "validate", "predict", "export", "evaluate"),
+progress   stage (str: "prepare", "train", "validate", "predict", "export", "evaluate",
+           "embed"),
            step (int, 1-based), total (int or null), message (str, optional), plus any extras
            (train: epoch, loss, elapsed_s, and fraction in [0, 1] = the larger of steps done and
            time budget used, for progress bars when only ``--max-time`` bounds training)
@@ -18,7 +19,8 @@ artifact   kind (str: "model", "card", "raster", "probabilities", "onnx", "metri
            "uncertainty", "polygons", "style" and "uncertain_areas" (the most uncertain
            squares: layer, areas = how many, size_px, count, max_mean_uncertainty);
            demo-data also reports "labels" and "polygons"; evaluate also reports "report"
-           (the HTML report of ``--report``)
+           (the HTML report of ``--report``); embed reports "embedding" (the feature
+           GeoTIFF: bands, components, patch_size, nodata, explained_variance)
 warning    message (str)
 error      message (str), error_type (str), hint (str, optional)
 done       ok (bool), cancelled (bool), plus a summary dict of the command's results

@@ -239,7 +239,7 @@ class OutputLock:
 def output_paths(args) -> list[tuple[str, Path]]:
     """(option, absolute path) of what a parsed CLI command writes (its lock and leftover scope)."""
     command = getattr(args, "command", None)
-    if command in ("train", "export", "demo-data"):
+    if command in ("train", "export", "demo-data", "embed"):
         names = ("out",)
     elif command == "evaluate":
         names = ("out", "report")

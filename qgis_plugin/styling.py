@@ -328,3 +328,29 @@ def save_areas_style(path: str) -> bool:
     if not style_uncertain_areas(layer):
         return False
     return not layer.saveStyleToDatabase("geopeft uncertain areas", "GeoPEFT: where to label next", True, "")
+
+
+def style_embedding(layer: QgsRasterLayer) -> bool:
+    """False colour of an embedding's first three bands (principal components 1-3: red, green,
+    blue), each stretched between its minimum and maximum (from the layer's statistics, nodata
+    left out). A one- or two-band embedding repeats its last band."""
+    from qgis.core import QgsContrastEnhancement, QgsMultiBandColorRenderer, QgsRasterBandStats
+
+    if not layer.isValid():
+        return False
+    provider = layer.dataProvider()
+    count = layer.bandCount()
+    bands = [min(b, count) for b in (1, 2, 3)]
+    renderer = QgsMultiBandColorRenderer(provider, *bands)
+    for band, setter in zip(bands, (renderer.setRedContrastEnhancement, renderer.setGreenContrastEnhancement,
+                                    renderer.setBlueContrastEnhancement)):
+        provider.setUseSourceNoDataValue(band, True)
+        stats = provider.bandStatistics(band, QgsRasterBandStats.Min | QgsRasterBandStats.Max)
+        enhancement = QgsContrastEnhancement(provider.dataType(band))
+        enhancement.setContrastEnhancementAlgorithm(QgsContrastEnhancement.StretchToMinimumMaximum)
+        enhancement.setMinimumValue(stats.minimumValue)
+        enhancement.setMaximumValue(stats.maximumValue)
+        setter(enhancement)
+    layer.setRenderer(renderer)
+    layer.triggerRepaint()
+    return True

@@ -117,6 +117,23 @@ class EvaluateConfig:
     report: str | None = None  # the HTML report (engine: evaluate --report; charts drawn by the engine)
 
 
+@dataclass
+class EmbedConfig:
+    """The foundation model's patch features as a GeoTIFF (engine: embed). Either ``model`` (a
+    trained folder or its card.json) or ``backbone`` (a name from `engine models`, with
+    ``weights``: a path, "auto" or "none"); None leaves the choice to the engine."""
+
+    images: list[str]
+    out: str
+    model: str | None = None
+    backbone: str | None = None
+    weights: str | None = None  # with backbone; None: the engine's default (auto)
+    bands: list[int] = field(default_factory=list)  # 1-based; empty: the model's, or all
+    components: int | None = None  # PCA bands; 0: every feature; None: the engine's default
+    batch_size: int | None = None
+    device: str = "auto"
+
+
 def train_args(c: TrainConfig) -> list[str]:
     args = ["train"]
     for image in c.images:
@@ -231,6 +248,55 @@ MASK_SUFFIXES = (".tif", ".tiff", ".vrt")
 
 def export_args(c: ExportConfig) -> list[str]:
     return ["export", "--model", c.model, "--out", c.out]
+
+
+def embed_args(c: EmbedConfig) -> list[str]:
+    args = ["embed"]
+    if c.model:
+        args += ["--model", c.model]
+    else:
+        args += ["--backbone", c.backbone or ""]
+        if c.weights:
+            args += ["--weights", c.weights]
+    for image in c.images:
+        args += ["--image", image]
+    if c.bands:
+        args += ["--bands", ",".join(str(b) for b in c.bands)]
+    args += ["--out", c.out]
+    if c.components is not None:
+        args += ["--components", str(int(c.components))]
+    if c.batch_size:
+        args += ["--batch-size", str(c.batch_size)]
+    args += ["--device", c.device]
+    return args
+
+
+def validate_embed(c: EmbedConfig) -> list[str]:
+    problems = []
+    if bool(c.model) == bool(c.backbone):
+        problems.append("Choose either a trained model folder or a foundation model, not both.")
+    if c.model:
+        problem = model_path_problem(c.model)
+        if problem:
+            problems.append(problem)
+        elif c.model.lower().endswith(".onnx"):
+            problems.append("Embeddings need the trained model folder (card.json), not an ONNX file.")
+    if c.weights not in (None, "auto", "none", "hub") and not os.path.isfile(c.weights):
+        problems.append(f"Weights file not found: {c.weights}")
+    if not c.images:
+        problems.append("Choose the raster to embed.")
+    for image in c.images:
+        if not os.path.exists(image):
+            problems.append(f"Input raster not found: {image}")
+    if not c.out:
+        problems.append("Choose where to write the embedding (.tif).")
+    elif not c.out.lower().endswith((".tif", ".tiff")):
+        problems.append("The embedding must be a GeoTIFF (.tif).")
+    if c.components is not None and c.components < 0:
+        problems.append("The number of components must be 0 (every feature) or more.")
+    if c.device not in DEVICES:
+        problems.append(f"Unknown device {c.device!r}.")
+    return problems
 
 
 def evaluate_args(c: EvaluateConfig) -> list[str]:

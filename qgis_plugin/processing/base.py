@@ -19,6 +19,7 @@ STAGES = {
     "predict": {"prepare": (0, 5), "predict": (5, 95), "uncertain_areas": (95, 95), "polygons": (95, 100)},
     "export": {"prepare": (0, 10), "export": (10, 100)},
     "evaluate": {"prepare": (0, 10), "evaluate": (10, 100)},
+    "embed": {"prepare": (0, 5), "embed": (5, 100)},
 }
 
 

@@ -1,15 +1,16 @@
-"""The "GeoPEFT" Processing provider: Train, Predict, Export ONNX, Evaluate."""
+"""The "GeoPEFT" Processing provider: Train, Predict, Export ONNX, Evaluate, Embed."""
 from __future__ import annotations
 
 from qgis.core import QgsProcessingProvider
 
 from ..icons import icon, icon_path
+from .embed import EmbedAlgorithm
 from .evaluate import EvaluateAlgorithm
 from .export_onnx import ExportOnnxAlgorithm
 from .predict import PredictAlgorithm
 from .train import TrainAlgorithm
 
-ALGORITHMS = (TrainAlgorithm, PredictAlgorithm, ExportOnnxAlgorithm, EvaluateAlgorithm)
+ALGORITHMS = (TrainAlgorithm, PredictAlgorithm, ExportOnnxAlgorithm, EvaluateAlgorithm, EmbedAlgorithm)
 
 
 class GeoPEFTProvider(QgsProcessingProvider):
