@@ -7,7 +7,7 @@ SYSPY ?= /usr/bin/python3
 export QT_QPA_PLATFORM ?= offscreen
 APT_PKGS := qgis python3-qgis python3-venv
 
-.PHONY: install apt venv demo test test-all check-setup bench plugin qgis screenshots clean
+.PHONY: install apt venv demo test test-all check-setup bench bench-loop plugin qgis screenshots clean
 
 install: apt $(VENV)/.install-stamp
 
@@ -51,8 +51,12 @@ TERRATORCH ?= ../ttvenv
 bench: install
 	$(PY) bench/run.py $(if $(TERRATORCH),--terratorch $(TERRATORCH))
 
+# The analyst's loop on the demo scene: held-out mIoU after each labelling round (about 10 minutes).
+bench-loop: install
+	$(PY) bench/analyst_loop.py --out bench_loop --budget 90s --rounds 3 --scratch
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info demo
+	rm -rf $(VENV) build dist *.egg-info demo bench_loop
 
 # --- QGIS plugin ---------------------------------------------------------------------------
 # dist/geopeft-<version>.zip: folder geopeft/ (qgis_plugin/ + the engine source in
