@@ -330,27 +330,37 @@ def save_areas_style(path: str) -> bool:
     return not layer.saveStyleToDatabase("geopeft uncertain areas", "GeoPEFT: where to label next", True, "")
 
 
-def style_embedding(layer: QgsRasterLayer) -> bool:
-    """False colour of an embedding's first three bands (principal components 1-3: red, green,
-    blue), each stretched between its minimum and maximum (from the layer's statistics, nodata
-    left out). A one- or two-band embedding repeats its last band."""
+def rgb_renderer(layer: QgsRasterLayer, bands: tuple[int, int, int], std_devs: float | None = None):
+    """Red, green and blue from ``bands`` (a band past the last repeats the last), each stretched
+    between its minimum and maximum, or its mean ± ``std_devs`` standard deviations (statistics
+    of the layer, nodata left out)."""
     from qgis.core import QgsContrastEnhancement, QgsMultiBandColorRenderer, QgsRasterBandStats
 
-    if not layer.isValid():
-        return False
     provider = layer.dataProvider()
-    count = layer.bandCount()
-    bands = [min(b, count) for b in (1, 2, 3)]
+    bands = [min(b, layer.bandCount()) for b in bands]
     renderer = QgsMultiBandColorRenderer(provider, *bands)
     for band, setter in zip(bands, (renderer.setRedContrastEnhancement, renderer.setGreenContrastEnhancement,
                                     renderer.setBlueContrastEnhancement)):
         provider.setUseSourceNoDataValue(band, True)
-        stats = provider.bandStatistics(band, QgsRasterBandStats.Min | QgsRasterBandStats.Max)
+        stats = provider.bandStatistics(band, QgsRasterBandStats.Stats.All)
+        low, high = stats.minimumValue, stats.maximumValue
+        if std_devs is not None:
+            low, high = max(low, stats.mean - std_devs * stats.stdDev), min(high, stats.mean + std_devs * stats.stdDev)
         enhancement = QgsContrastEnhancement(provider.dataType(band))
-        enhancement.setContrastEnhancementAlgorithm(QgsContrastEnhancement.StretchToMinimumMaximum)
-        enhancement.setMinimumValue(stats.minimumValue)
-        enhancement.setMaximumValue(stats.maximumValue)
+        enhancement.setContrastEnhancementAlgorithm(
+            QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum)
+        enhancement.setMinimumValue(low)
+        enhancement.setMaximumValue(high)
         setter(enhancement)
-    layer.setRenderer(renderer)
+    return renderer
+
+
+def style_embedding(layer: QgsRasterLayer) -> bool:
+    """False colour of an embedding's first three bands (principal components 1-3: red, green,
+    blue), each stretched between its minimum and maximum. A one- or two-band embedding repeats
+    its last band."""
+    if not layer.isValid():
+        return False
+    layer.setRenderer(rgb_renderer(layer, (1, 2, 3)))
     layer.triggerRepaint()
     return True

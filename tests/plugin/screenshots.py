@@ -38,6 +38,7 @@ def loop_screenshots(work: Path, out: Path, grab, settle) -> None:
     from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
     from qgis_plugin.dialogs.train_dialog import TrainDialog
+    from qgis_plugin.styling import rgb_renderer
 
     os.environ.setdefault("GEOPEFT_ENGINE_PYTHON", sys.executable)
     python = os.environ["GEOPEFT_ENGINE_PYTHON"]
@@ -66,7 +67,7 @@ def loop_screenshots(work: Path, out: Path, grab, settle) -> None:
 
     # the last preview beside the image (natural colours)
     preview = train.preview.layer
-    scene.setRenderer(_natural_colours(scene))
+    scene.setRenderer(rgb_renderer(scene, (3, 2, 1), std_devs=2))
     side = 420
     picture = QImage(2 * side + 10, side + 24, QImage.Format.Format_ARGB32)
     picture.fill(QColor("white"))
@@ -95,21 +96,6 @@ def loop_screenshots(work: Path, out: Path, grab, settle) -> None:
     _render_html(report, out / "evaluation-report.png")
     QCoreApplication.processEvents()
     train.close()
-
-
-def _natural_colours(layer):
-    from qgis.core import QgsContrastEnhancement, QgsMultiBandColorRenderer, QgsRasterBandStats
-
-    renderer = QgsMultiBandColorRenderer(layer.dataProvider(), 3, 2, 1)
-    for band, setter in ((3, renderer.setRedContrastEnhancement), (2, renderer.setGreenContrastEnhancement),
-                         (1, renderer.setBlueContrastEnhancement)):
-        stats = layer.dataProvider().bandStatistics(band, QgsRasterBandStats.Stats.All)
-        enhancement = QgsContrastEnhancement(layer.dataProvider().dataType(band))
-        enhancement.setContrastEnhancementAlgorithm(QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum)
-        enhancement.setMinimumValue(stats.mean - 2 * stats.stdDev)
-        enhancement.setMaximumValue(stats.mean + 2 * stats.stdDev)
-        setter(enhancement)
-    return renderer
 
 
 def _render_html(html: Path, png: Path, width: int = 1000) -> None:
