@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-rank", type=int, default=16)
     t.add_argument("--lora-alpha", type=int, default=16)
     t.add_argument("--decoder", default="auto",
-                   help="unet, linear, or auto: linear (a light head) for linear-probe, unet for every other method")
+                   help="unet, upernet, fcn, linear, or auto: linear (a light head) for linear-probe, unet (the "
+                   "paper's recommendation) for every other method")
     t.add_argument("--chip-size", type=int,
                    help="training chip size in pixels, a multiple of the patch size (default: chosen from "
                    "the labelled extent, at most 224)")

@@ -6,8 +6,12 @@ linear classifier on the last feature map, up-sampled to the input.
 learned up-sampling; ``UNetDecoder`` (the paper's recommended decoder) climbs that pyramid
 and then two more levels fed by a small convolutional stem on the input image itself, so
 boundaries are drawn at full resolution rather than up-sampled from 1/16 features.
+``UPerNetDecoder`` (pyramid pooling + feature pyramid on the neck's pyramid) and ``FCNDecoder``
+(convolutions on the last feature map) are the paper's other decoders, for comparison.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +100,67 @@ class LinearDecoder(nn.Module):
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class UPerNetDecoder(nn.Module):
+    """UPerNet (Xiao et al. 2018), as the paper compares it: a pyramid pooling module on the
+    coarsest pyramid level, a feature pyramid (top-down, lateral 1×1 convolutions, 3×3 smoothing),
+    the four levels up-sampled to the finest one and fused, a 1×1 classifier, then bilinear
+    up-sampling to the input. Reads the neck's pyramid only (no image stem)."""
+
+    uses_pyramid = True
+
+    def __init__(self, in_chans: int, pyramid_channels: list[int], num_classes: int, channels: int = 128,
+                 pool_scales: tuple[int, ...] = (1, 2, 3, 6)):
+        super().__init__()
+        top = pyramid_channels[-1]
+        self.grid = math.lcm(*pool_scales)
+        self.pools = nn.ModuleList(
+            nn.Sequential(nn.AvgPool2d(self.grid // scale), nn.Conv2d(top, channels, 1, bias=False),
+                          nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) for scale in pool_scales)
+        self.bottleneck = conv_bn_relu(top + len(pool_scales) * channels, channels)
+        self.laterals = nn.ModuleList(nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), nn.BatchNorm2d(channels),
+                                                    nn.ReLU(inplace=True)) for c in pyramid_channels[:-1])
+        self.smooth = nn.ModuleList(conv_bn_relu(channels, channels) for _ in pyramid_channels[:-1])
+        self.fuse = conv_bn_relu(len(pyramid_channels) * channels, channels)
+        self.head = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, image: torch.Tensor, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        top = pyramid[-1]
+        # pooled from the top level resized to 6 × 6 (the scales' least common multiple) with fixed
+        # kernels: ONNX exports adaptive pooling only to sizes that divide a known input size, and
+        # the top level of a 224 px chip is 7 × 7
+        grid = F.interpolate(top, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        pooled = [F.interpolate(pool(grid), size=top.shape[-2:], mode="bilinear", align_corners=False)
+                  for pool in self.pools]
+        levels = [lateral(x) for lateral, x in zip(self.laterals, pyramid[:-1])]
+        levels.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
+        for i in range(len(levels) - 1, 0, -1):  # top-down: each level gets the coarser one added
+            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="bilinear",
+                                                          align_corners=False)
+        outs = [smooth(x) for smooth, x in zip(self.smooth, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.fuse(torch.cat([outs[0], *(F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                                                for x in outs[1:])], dim=1))
+        return F.interpolate(self.head(fused), size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class FCNDecoder(nn.Module):
+    """The FCN head (Long et al. 2015, as in MMSegmentation's FCNHead): two 3×3 conv-BN-ReLU on the
+    encoder's last feature map, a 1×1 classifier, bilinear up-sampling to the input."""
+
+    uses_pyramid = False
+
+    def __init__(self, in_chans: int, feature_channels: list[int], num_classes: int, channels: int = 256):
+        super().__init__()
+        self.convs = nn.Sequential(conv_bn_relu(feature_channels[-1], channels), conv_bn_relu(channels, channels))
+        self.head = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, image: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        logits = self.head(self.convs(features[-1]))
+        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
 UNetDecoder.uses_pyramid = True
-DECODERS = {"unet": UNetDecoder, "linear": LinearDecoder}
+DECODERS = {"unet": UNetDecoder, "upernet": UPerNetDecoder, "fcn": FCNDecoder, "linear": LinearDecoder}
 
 
 def default_decoder(method: str) -> str:

@@ -126,7 +126,9 @@ class PrithviViT(nn.Module):
             tokens = block(tokens)
             if i in self.spec.feature_layers:
                 out = self.norm(tokens) if i == last else tokens
-                # drop CLS; [B, (t h w), D] → [B, (t D), h, w]
-                out = out[:, 1:].reshape(b, t, h, w, -1).permute(0, 1, 4, 2, 3).reshape(b, -1, h, w)
+                # drop CLS; [B, (t h w), D] → [B, (t D), h, w]; D a number, not -1: an exported model
+                # must know its channels (ONNX batch norm of a linear head refuses an unknown count)
+                d = self.spec.embed_dim
+                out = out[:, 1:].reshape(b, t, h, w, d).permute(0, 1, 4, 2, 3).reshape(b, t * d, h, w)
                 features.append(out)
         return features

@@ -25,13 +25,13 @@ BACKBONES = tuple(PATCH_SIZES)
 # first). Dialogs use the engine's lists when it has answered; these are the offline fallback
 # (a test keeps them equal to the engine's).
 TUNING_METHODS = ("auto", "lora", "dora", "full", "linear-probe")
-DECODERS = ("auto", "unet", "linear")
+DECODERS = ("auto", "unet", "upernet", "fcn", "linear")
 # How dialogs and Processing show them; a choice a newer engine adds shows under its own name.
 TUNING_LABELS = {"auto": "Automatic (LoRA with pretrained weights, else full)", "lora": "LoRA",
                  "dora": "DoRA", "full": "Full fine-tuning",
                  "linear-probe": "Linear probe (frozen backbone)"}
 DECODER_LABELS = {"auto": "Automatic (linear head for linear probe, else UNet)", "unet": "UNet",
-                  "linear": "Linear head (light)"}
+                  "upernet": "UPerNet", "fcn": "FCN", "linear": "Linear head (light)"}
 DEVICES = ("auto", "cpu", "gpu")
 
 

@@ -328,7 +328,7 @@ def _edited_model(tiny_model, tmp_path, edit) -> Path:
     (lambda c: c["tuning"].update(qlora_bits=4), ["unknown field tuning.qlora_bits"], "remove the field"),
     (lambda c: c.update(chip_size="32"), ["chip_size should be an integer", "string"], None),
     (lambda c: c["input"].update(std="1,2,3"), ["input.std should be a list"], None),
-    (lambda c: c.update(decoder="fpn"), ["unknown decoder 'fpn'", "unet, linear"], "update GeoPEFT"),
+    (lambda c: c.update(decoder="fpn"), ["unknown decoder 'fpn'", "unet, upernet, fcn, linear"], "update GeoPEFT"),
 ], ids=["future-version", "unknown-field", "unknown-tuning-field", "chip-size-string", "std-string",
         "unknown-decoder"])
 def test_bad_model_card(edit, words, hint, tiny_model, small_scene, tmp_path, out_dir):
