@@ -6,8 +6,9 @@ random weights with a loud warning) or ``none`` (random weights, loudly).
 
 Prithvi files hold the full MAE (``encoder.``/``decoder.`` prefixes, or the legacy flat
 layout). We keep the encoder, drop the MAE decoder, the fixed ``pos_embed`` (recomputed for the
-chip size) and the TL metadata scalars, split the fused ``qkv`` into q, k, v, adapt the patch
-embedding to the user's bands by name, and then load strictly: any other mismatch is an error.
+chip size) and, for an encoder built without the TL encoders, their two scales; split the fused
+``qkv`` into q, k, v, adapt the patch embedding to the user's bands by name, and then load
+strictly: any other mismatch is an error.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from torch import nn
 from engine.models.registry import BackboneSpec, canonical_band
 from engine.protocol import EngineError, Reporter
 
-DROPPED_KEYS = ("pos_embed", "mask_token", "temporal_embed_enc.scale", "location_embed_enc.scale")
+DROPPED_KEYS = ("pos_embed", "mask_token")
+# the TL encoders' scales: loaded into an encoder built with them, else dropped
+METADATA_KEYS = ("temporal_embed_enc.scale", "location_embed_enc.scale")
 
 
 @dataclass
@@ -245,6 +248,9 @@ def load_backbone_weights(encoder: nn.Module, spec: BackboneSpec, path: Path | N
         return LoadedWeights("random")
     state = prithvi_encoder_state(read_state_dict(path, trust) if state is None else state)
     own = encoder.state_dict()
+    for k in METADATA_KEYS:
+        if k not in own:
+            state.pop(k, None)
     key = "patch_embed.proj.weight"
     matched, fresh = {}, []
     described = describe_checkpoint(state)  # before the patch embedding is adapted to the user's bands

@@ -4,9 +4,16 @@ positions, laid out so the published checkpoints load by key.
 Differences from the published layout, handled by ``engine.models.checkpoints``:
 - the fused ``attn.qkv`` Linear is split into ``attn.qkv.{q,k,v}`` (same maths) so LoRA can
   target q and v alone, as in the paper;
-- ``pos_embed`` is a non-persistent buffer recomputed for the chip size (it is fixed sin-cos);
-- temporal/location encoders of the TL variants are not built: the paper found metadata
-  inputs unnecessary, so their two scalars are dropped on load.
+- ``pos_embed`` is a non-persistent buffer recomputed for the chip size (it is fixed sin-cos),
+  and recomputed exactly for an input of another size or number of frames;
+- the temporal/location encoders of the TL variants (fixed sin-cos of the year and day of year,
+  and of latitude and longitude, each times a learned scale) are built only when asked for
+  (``metadata=True``, and always by ``engine.models.create_backbone``): the paper found metadata
+  inputs unnecessary, so segmentation models leave them out and their two scalars are dropped
+  on load.
+
+``forward_features`` returns every block's tokens (CLS first; the last block's after the final
+norm), as the published models' own ``forward_features`` and TerraTorch do.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from engine.models.registry import BackboneSpec
+from engine.protocol import EngineError
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -39,6 +47,31 @@ def sincos_3d(dim: int, grid: tuple[int, int, int], cls_token: bool = True) -> t
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
     return torch.from_numpy(emb).float().unsqueeze(0)
+
+
+def sincos_1d_torch(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """``sincos_1d`` in torch (fp32) for positions known only at run time: [...] → [..., dim]."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32, device=positions.device) / (dim / 2.0))
+    angles = positions.float()[..., None] * omega
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class MetadataEncoder(nn.Module):
+    """A TL encoder: two numbers per item (year and day of year, or latitude and longitude), each
+    encoded with the 1-D sin-cos of its raw value into half the width (the first number the first
+    half), times a learned scale (``scale``, 0.1 at init, loaded from the -TL checkpoints)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.scale = nn.Parameter(torch.full((1,), 0.1))
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:  # [..., 2] → [..., dim]
+        half = self.dim // 2
+        with torch.autocast(device_type=coords.device.type, enabled=False):  # years need fp32
+            emb = torch.cat([sincos_1d_torch(half, coords[..., 0]), sincos_1d_torch(self.dim - half, coords[..., 1])],
+                            dim=-1)
+        return emb * self.scale
 
 
 class PatchEmbed3D(nn.Module):
@@ -78,10 +111,16 @@ class SplitQKV(nn.Module):
 
 
 class PrithviViT(nn.Module):
-    """Encoder returning the outputs of ``spec.feature_layers`` as images [B, D, H/p, W/p]."""
+    """Encoder returning the outputs of ``spec.feature_layers`` as images [B, D, H/p, W/p]
+    (``forward``), or every block's tokens (``forward_features``). ``metadata``: build the
+    temporal and location encoders (TL variants only)."""
 
-    def __init__(self, spec: BackboneSpec, in_chans: int, img_size: int, num_frames: int = 1):
+    def __init__(self, spec: BackboneSpec, in_chans: int, img_size: int, num_frames: int = 1,
+                 metadata: bool = False):
         super().__init__()
+        if metadata and not spec.tl:
+            raise EngineError(f"{spec.name} has no temporal/location encoders (it is not a -TL model)",
+                              hint="use a -TL backbone for date and location inputs, or leave them out")
         self.spec = spec
         self.in_chans = in_chans
         self.img_size = img_size
@@ -99,7 +138,11 @@ class PrithviViT(nn.Module):
         for block in self.blocks:
             block.attn.qkv = SplitQKV(spec.embed_dim, bias=True)
         self.norm = norm(spec.embed_dim)
+        if metadata:
+            self.temporal_embed_enc = MetadataEncoder(spec.embed_dim)
+            self.location_embed_enc = MetadataEncoder(spec.embed_dim)
         self.out_channels = [spec.embed_dim * num_frames] * len(spec.feature_layers)
+        self._positions: dict[tuple[int, int, int], torch.Tensor] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -112,23 +155,68 @@ class PrithviViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    @property
+    def has_metadata(self) -> bool:
+        return hasattr(self, "temporal_embed_enc")
+
+    def _pos_embed(self, grid: tuple[int, int, int], device) -> torch.Tensor:
+        """The fixed 3-D sin-cos positions for a token grid, recomputed exactly for another size
+        or number of frames than the model was built for."""
+        if grid == self.grid:
+            return self.pos_embed
+        if grid not in self._positions:
+            self._positions[grid] = sincos_3d(self.embed_dim, grid)
+        return self._positions[grid].to(device)
+
+    def _blocks(self, x: torch.Tensor, temporal_coords=None, location_coords=None,
+                keep: set[int] | None = None) -> tuple[dict[int, torch.Tensor], tuple[int, int, int]]:
+        """Tokens [B, 1 + t*h*w, D] after the blocks in ``keep`` (None: every block), the last
+        block's after the final norm; and the token grid (t, h, w)."""
         if x.ndim == 4:  # one frame: [B, C, H, W] → [B, C, 1, H, W]
             x = x.unsqueeze(2)
-        b = x.shape[0]
-        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+        b, _, t, height, width = x.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise EngineError(f"input of {height} x {width} px: {self.spec.name} needs sides that are multiples of "
+                              f"its patch size {p}")
+        grid = (t, height // p, width // p)
+        pos = self._pos_embed(grid, x.device)
+        tokens = self.patch_embed(x) + pos[:, 1:]
+        if temporal_coords is not None or location_coords is not None:
+            if not self.has_metadata:
+                raise EngineError(f"{self.spec.name} was built without temporal/location encoders",
+                                  hint="create it with metadata (create_backbone does for -TL models), or pass no "
+                                       "coordinates")
+            if temporal_coords is not None:  # [B, t, 2] (year, day of year) → repeated over each frame's patches
+                per_frame = self.temporal_embed_enc(temporal_coords.reshape(b, t, 2))
+                tokens = tokens + per_frame.repeat_interleave(grid[1] * grid[2], dim=1)
+            if location_coords is not None:  # [B, 2] (lat, lon) → every patch
+                tokens = tokens + self.location_embed_enc(location_coords.reshape(b, 2))[:, None]
+        cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
         tokens = torch.cat([cls, tokens], dim=1)
-        features = []
+        out = {}
         last = len(self.blocks) - 1
-        t, h, w = self.grid
         for i, block in enumerate(self.blocks):
             tokens = block(tokens)
-            if i in self.spec.feature_layers:
-                out = self.norm(tokens) if i == last else tokens
-                # drop CLS; [B, (t h w), D] → [B, (t D), h, w]; D a number, not -1: an exported model
-                # must know its channels (ONNX batch norm of a linear head refuses an unknown count)
-                d = self.spec.embed_dim
-                out = out[:, 1:].reshape(b, t, h, w, d).permute(0, 1, 4, 2, 3).reshape(b, t * d, h, w)
-                features.append(out)
-        return features
+            if keep is None or i in keep:
+                out[i] = self.norm(tokens) if i == last else tokens
+        return out, grid
+
+    def forward_features(self, x: torch.Tensor, temporal_coords: torch.Tensor | None = None,
+                         location_coords: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every block's output tokens [B, 1 + t*h*w, D] (CLS first; the last after the final
+        norm). ``x``: [B, C, T, H, W] (or [B, C, H, W] for one frame), sides multiples of the
+        patch; any T. ``temporal_coords`` [B, T, 2] = (year, day of year) and ``location_coords``
+        [B, 2] = (latitude, longitude), for models with the TL encoders."""
+        out, _ = self._blocks(x, temporal_coords, location_coords)
+        return [out[i] for i in range(len(self.blocks))]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out, grid = self._blocks(x, keep=set(self.spec.feature_layers))
+        # the built size as plain numbers (an exported model's reshape must not depend on traced sizes)
+        t, h, w = self.grid if tuple(grid) == self.grid else grid
+        b, d = x.shape[0], self.embed_dim
+        # drop CLS; [B, (t h w), D] → [B, (t D), h, w]; D a number, not -1: an exported model
+        # must know its channels (ONNX batch norm of a linear head refuses an unknown count)
+        return [out[i][:, 1:].reshape(b, t, h, w, d).permute(0, 1, 4, 2, 3).reshape(b, t * d, h, w)
+                for i in self.spec.feature_layers]

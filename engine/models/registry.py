@@ -33,6 +33,8 @@ class BackboneSpec:
     hub_repo: str | None = None
     hub_file: str | None = None
     licence: str = "Apache-2.0"
+    tl: bool = False  # temporal and location encoders (the -TL checkpoints)
+    frames: int = 1  # frames in pretraining (any number works: positions are recomputed)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -45,26 +47,26 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 register(BackboneSpec("prithvi_eo_v2_tiny", "prithvi", 192, 12, 3, 16, (2, 5, 8, 11),
                       hub_repo="ibm-nasa-geospatial/Prithvi-EO-2.0-tiny-TL",
-                      hub_file="Prithvi_EO_V2_tiny_TL.pt"))
+                      hub_file="Prithvi_EO_V2_tiny_TL.pt", tl=True))
 register(BackboneSpec("prithvi_eo_v2_100", "prithvi", 768, 12, 12, 16, (2, 5, 8, 11),
                       hub_repo="ibm-nasa-geospatial/Prithvi-EO-2.0-100M-TL",
-                      hub_file="Prithvi_EO_V2_100M_TL.pt"))
+                      hub_file="Prithvi_EO_V2_100M_TL.pt", tl=True, frames=4))
 register(BackboneSpec("prithvi_eo_v2_300", "prithvi", 1024, 24, 16, 16, (5, 11, 17, 23),
                       hub_repo="ibm-nasa-geospatial/Prithvi-EO-2.0-300M",
-                      hub_file="Prithvi_EO_V2_300M.pt"))
+                      hub_file="Prithvi_EO_V2_300M.pt", frames=4))
 register(BackboneSpec("prithvi_eo_v2_300_tl", "prithvi", 1024, 24, 16, 16, (5, 11, 17, 23),
                       hub_repo="ibm-nasa-geospatial/Prithvi-EO-2.0-300M-TL",
-                      hub_file="Prithvi_EO_V2_300M_TL.pt"))
+                      hub_file="Prithvi_EO_V2_300M_TL.pt", tl=True, frames=4))
 register(BackboneSpec("prithvi_eo_v2_600", "prithvi", 1280, 32, 16, 14, (7, 15, 23, 31),
                       hub_repo="ibm-nasa-geospatial/Prithvi-EO-2.0-600M",
-                      hub_file="Prithvi_EO_V2_600M.pt"))
+                      hub_file="Prithvi_EO_V2_600M.pt", frames=4))
 register(BackboneSpec("prithvi_eo_v2_600_tl", "prithvi", 1280, 32, 16, 14, (7, 15, 23, 31),
                       hub_repo="ibm-nasa-geospatial/Prithvi-EO-2.0-600M-TL",
-                      hub_file="Prithvi_EO_V2_600M_TL.pt"))
+                      hub_file="Prithvi_EO_V2_600M_TL.pt", tl=True, frames=4))
 register(BackboneSpec("prithvi_eo_v1_100", "prithvi", 768, 12, 12, 16, (2, 5, 8, 11),
                       mean=PRITHVI_V1_MEAN, std=PRITHVI_V1_STD,
                       hub_repo="ibm-nasa-geospatial/Prithvi-EO-1.0-100M",
-                      hub_file="Prithvi_EO_V1_100M.pt"))
+                      hub_file="Prithvi_EO_V1_100M.pt", frames=3))
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
