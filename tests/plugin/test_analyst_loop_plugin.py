@@ -84,7 +84,8 @@ def test_preview_layer_updates_in_place_and_the_next_round_continues(dialog, qgi
     wait_for(record, timeout=300)
     timer.stop()
     assert "Model saved" in d.status.text(), d.status.text()
-    assert len(sources) >= 3, sources  # a preview per epoch (the last ones may come together)
+    # a preview per epoch, each shown (events that arrive together are shown one after the other)
+    assert d.preview.updates == 4 and len(sources) >= 2, (d.preview.updates, sources)
     layer = d.preview.layer
     assert layer.isValid() and isinstance(layer.renderer(), QgsPalettedRasterRenderer)
     assert len(QgsProject.instance().mapLayersByName(layer.name())) == 1  # one layer, updated in place
@@ -96,7 +97,7 @@ def test_preview_layer_updates_in_place_and_the_next_round_continues(dialog, qgi
     assert layer.extent().width() == pytest.approx(shown.width(), abs=60)  # 30 m pixels
     assert layer.extent().height() == pytest.approx(shown.height(), abs=60)
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert len(ticks) > 10 and max(gaps) < 3.0, max(gaps)
+    assert len(ticks) > 10 and max(gaps) < 5.0, max(gaps)  # generous: a loaded CI machine
     # the chart got every epoch
     assert sorted(d.chart.points["val_miou"]) == [1, 2, 3, 4]
     assert sorted(d.chart.points["train_loss"]) == [1, 2, 3, 4]
@@ -108,7 +109,7 @@ def test_preview_layer_updates_in_place_and_the_next_round_continues(dialog, qgi
     assert not d.backbone.isEnabled() and "Continues round1" in d.init_note.text()
     d.out.setFilePath(str(tmp_path / "round2"))
     d.preview_on.setChecked(False)  # no previews by epoch: only on the button
-    d.epochs.setValue(6)
+    d.epochs.setValue(10)
     argv = d.command()
     assert argv[argv.index("--init-from") + 1] == str(tmp_path / "round1") and "--backbone" not in argv
     assert d.start() is not None
