@@ -25,7 +25,9 @@ from engine.protocol import EngineError
 
 # 2: tuning.patch_embed (trained patch embedding for fresh bands), input.source_dtype, the
 #    decoder may be "linear"; version-1 cards still load.
-CARD_VERSION = 2
+# 3: tuning.prompt_tokens and prompt_dropout (VPT), parent (train --init-from), decoders upernet
+#    and fcn; older cards still load.
+CARD_VERSION = 3
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "adapter.safetensors"
 
@@ -67,7 +69,8 @@ def _opt(*types: str, **kw) -> Field:
 
 # The fields of engine.tuning.TuningConfig (checked equal by tests/faults/test_models.py): the card's
 # tuning section is passed to it as keyword arguments, so an unknown key must be refused here.
-TUNING_FIELDS = ("method", "rank", "alpha", "dropout", "target_modules", "patch_embed")
+TUNING_FIELDS = ("method", "rank", "alpha", "dropout", "target_modules", "patch_embed", "prompt_tokens",
+                 "prompt_dropout")
 
 SCHEMA = Field("object", keys={
     "card_version": Field("int"),
@@ -89,6 +92,7 @@ SCHEMA = Field("object", keys={
         "method": Field("str"),  # a registered method: checked where the model is built
         "rank": _opt("int"), "alpha": _opt("int"), "dropout": _opt("number"),
         "target_modules": _opt("str"), "patch_embed": _opt("bool"),
+        "prompt_tokens": _opt("int"), "prompt_dropout": _opt("number"),
     }),
     "input": Field("object", keys={
         "bands": Field("array", items=Field("int")),

@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", default="auto",
                    help="backbone checkpoint file; 'auto' (hub when reachable, else random), 'hub', or 'none'")
     t.add_argument("--tuning", default="auto", help="auto (lora with pretrained weights, full when the backbone "
-                   "starts from random weights), lora, dora, full or linear-probe")
+                   "starts from random weights), lora, dora, vpt (deep visual prompts), full or linear-probe")
     t.add_argument("--lora-rank", type=int, default=16)
     t.add_argument("--lora-alpha", type=int, default=16)
+    t.add_argument("--prompt-tokens", type=int, default=100, help="vpt: learned prompt tokens per encoder block")
+    t.add_argument("--prompt-dropout", type=float, default=0.1, help="vpt: dropout on the prompt tokens")
     t.add_argument("--decoder", default="auto",
                    help="unet, upernet, fcn, linear, or auto: linear (a light head) for linear-probe, unet (the "
                    "paper's recommendation) for every other method")
@@ -234,7 +236,8 @@ def cmd_train(a, reporter: Reporter) -> dict:
         images=a.image, labels=a.labels, out=a.out, bands=parse_band_list(a.bands),
         band_names=_split(a.band_names), label_field=a.label_field, ignore_index=a.ignore_index,
         classes=load_classes_option(a.classes), backbone=a.backbone, weights=a.weights,
-        tuning=TuningConfig(method=a.tuning, rank=a.lora_rank, alpha=a.lora_alpha), decoder=a.decoder,
+        tuning=TuningConfig(method=a.tuning, rank=a.lora_rank, alpha=a.lora_alpha, prompt_tokens=a.prompt_tokens,
+                            prompt_dropout=a.prompt_dropout), decoder=a.decoder,
         chip_size=a.chip_size, epochs=a.epochs, max_time=a.max_time,
         batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, device=a.device,
         precision=a.precision, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,

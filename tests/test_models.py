@@ -150,7 +150,7 @@ def test_registry_specs_are_consistent(name):
 
 
 @pytest.mark.parametrize("decoder", ["unet", "upernet", "fcn", "linear"])
-@pytest.mark.parametrize("method", ["lora", "dora", "linear-probe", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vpt", "linear-probe", "full"])
 def test_every_method_and_decoder_trains_a_step_and_exports(tmp_path, method, decoder):
     """Each tuning method × decoder: logits at the input's size, a step changes what trains and
     only that, and the merged model exports to ONNX with the PyTorch outputs."""
@@ -180,3 +180,34 @@ def test_every_method_and_decoder_trains_a_step_and_exports(tmp_path, method, de
                       dynamo=False, dynamic_axes={"x": {0: "batch"}, "p": {0: "batch"}})  # as engine.export does
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     assert np.abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["prithvi_eo_v2_100", "prithvi_eo_v2_300"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vpt", "linear-probe"])
+def test_trainable_encoder_parameters_follow_closed_formulas(name, method):
+    """Trainable encoder parameters of ViT-B- (100M) and 300M-shaped backbones: LoRA
+    r(d_in + d_out) on q, v (D -> D) and fc1, fc2 (D <-> 4D) of every block; DoRA adds a magnitude
+    per output (D, D, 4D, D); VPT depth x tokens x D; a linear probe none."""
+    spec = get_backbone_spec(name)
+    model = apply_tuning(build_segmentor(spec, 6, 32, 2), TuningConfig(method))
+    d, depth, r = spec.embed_dim, spec.depth, 16
+    lora = depth * r * (2 * (d + d) + 2 * (d + 4 * d))
+    expected = {"lora": lora, "dora": lora + depth * (d + d + 4 * d + d), "vpt": depth * 100 * d,
+                "linear-probe": 0}[method]
+    trainable = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+    assert trainable == expected
+
+
+def test_vpt_prompts_change_the_features_and_leave_their_layout():
+    """Deep prompts enter each block and leave it: same token layout as without; with the prompts
+    zeroed-out of attention (a model without them) the features differ."""
+    plain = build_segmentor("prithvi_eo_v2_tiny", 6, 32, 2).eval()
+    prompted = apply_tuning(build_segmentor("prithvi_eo_v2_tiny", 6, 32, 2), TuningConfig("vpt", prompt_tokens=7))
+    prompted.load_state_dict(plain.state_dict(), strict=False)
+    prompted.eval()
+    x = torch.randn(1, 6, 32, 32)
+    with torch.inference_mode():
+        a, b = plain.encoder.forward_features(x), prompted.encoder.forward_features(x)
+    assert prompted.encoder.prompts.shape == (12, 7, 192)
+    assert [t.shape for t in a] == [t.shape for t in b] == [(1, 5, 192)] * 12
+    assert not torch.allclose(a[-1], b[-1], atol=1e-4)

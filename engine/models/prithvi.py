@@ -143,6 +143,7 @@ class PrithviViT(nn.Module):
             self.location_embed_enc = MetadataEncoder(spec.embed_dim)
         self.out_channels = [spec.embed_dim * num_frames] * len(spec.feature_layers)
         self._positions: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.prompts: nn.Parameter | None = None  # VPT (add_prompts)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -154,6 +155,16 @@ class PrithviViT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def add_prompts(self, tokens: int, dropout: float = 0.1) -> None:
+        """Deep visual prompts: ``tokens`` learned tokens per block, inserted after CLS before
+        the block and dropped after it, so the outputs keep their layout. Initialised uniform in
+        ±sqrt(6 / (3·p² + D)), as in the VPT paper (Xavier over the patch's inputs)."""
+        if tokens < 1:
+            raise EngineError(f"VPT needs at least one prompt token, not {tokens}")
+        bound = (6.0 / (3 * self.patch_size ** 2 + self.embed_dim)) ** 0.5
+        self.prompts = nn.Parameter(torch.empty(len(self.blocks), tokens, self.embed_dim).uniform_(-bound, bound))
+        self.prompt_dropout = nn.Dropout(dropout)
 
     @property
     def has_metadata(self) -> bool:
@@ -197,7 +208,13 @@ class PrithviViT(nn.Module):
         out = {}
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens)
+            if self.prompts is None:
+                tokens = block(tokens)
+            else:  # deep VPT: this block's prompts after CLS, removed from its output
+                n = self.prompts.shape[1]
+                prompts = self.prompt_dropout(self.prompts[i]).unsqueeze(0).expand(b, -1, -1).to(tokens.dtype)
+                tokens = block(torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1))
+                tokens = torch.cat([tokens[:, :1], tokens[:, 1 + n:]], dim=1)
             if keep is None or i in keep:
                 out[i] = self.norm(tokens) if i == last else tokens
         return out, grid

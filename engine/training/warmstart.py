@@ -18,8 +18,8 @@ from engine.card import read_card
 from engine.protocol import EngineError, Reporter
 
 # train options (argparse dests) the parent decides: giving one that differs is refused
-INHERITED = ("backbone", "weights", "tuning", "lora_rank", "lora_alpha", "decoder", "bands", "band_names",
-             "chip_size", "classes")
+INHERITED = ("backbone", "weights", "tuning", "lora_rank", "lora_alpha", "prompt_tokens", "decoder", "bands",
+             "band_names", "chip_size", "classes")
 
 
 class Parent:
@@ -78,12 +78,14 @@ def inherit(cfg, parent: Parent, given: set[str]):
     theirs = {
         "backbone": card["backbone"]["name"], "weights": parent.weights_option(), "tuning": tuning["method"],
         "lora_rank": tuning.get("rank", cfg.tuning.rank), "lora_alpha": tuning.get("alpha", cfg.tuning.alpha),
+        "prompt_tokens": tuning.get("prompt_tokens", cfg.tuning.prompt_tokens),
         "decoder": card["decoder"], "bands": list(card["input"]["bands"]),
         "band_names": list(card["input"]["band_names"]), "chip_size": card["chip_size"],
         "classes": parent.classes,
     }
     mine = {"backbone": cfg.backbone, "weights": cfg.weights, "tuning": cfg.tuning.method,
-            "lora_rank": cfg.tuning.rank, "lora_alpha": cfg.tuning.alpha, "decoder": cfg.decoder,
+            "lora_rank": cfg.tuning.rank, "lora_alpha": cfg.tuning.alpha, "prompt_tokens": cfg.tuning.prompt_tokens,
+            "decoder": cfg.decoder,
             "bands": cfg.bands, "band_names": cfg.band_names, "chip_size": cfg.chip_size, "classes": cfg.classes}
     conflicts = []
     for dest in INHERITED:
@@ -111,7 +113,10 @@ def inherit(cfg, parent: Parent, given: set[str]):
                                                    alpha=theirs["lora_alpha"],
                                                    dropout=tuning.get("dropout", cfg.tuning.dropout),
                                                    target_modules=tuning.get("target_modules",
-                                                                             cfg.tuning.target_modules)))
+                                                                             cfg.tuning.target_modules),
+                                                   prompt_tokens=theirs["prompt_tokens"],
+                                                   prompt_dropout=tuning.get("prompt_dropout",
+                                                                             cfg.tuning.prompt_dropout)))
 
 
 def _shown(value) -> str:

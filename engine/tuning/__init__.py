@@ -4,6 +4,9 @@
   encoder block (the paper's targets; r = α = 16); the backbone stays frozen.
 - ``linear-probe``: the backbone stays frozen; only the light linear head trains (the paper's
   baseline; training picks the ``linear`` decoder for it).
+- ``vpt``: deep visual prompt tuning (Jia et al. 2022, as in the paper): ``prompt_tokens``
+  learned tokens (default 100, dropout 0.1) enter every encoder block after CLS and leave after
+  it; the backbone stays frozen.
 - ``full``: everything trains.
 Neck and decoder always train. When some input bands have no pretrained counterpart
 (``patch_embed``), the patch embedding trains too: its fresh columns would otherwise stay at
@@ -18,7 +21,7 @@ from torch import nn
 
 from engine.protocol import EngineError
 
-METHODS = ("lora", "dora", "full", "linear-probe")
+METHODS = ("lora", "dora", "vpt", "full", "linear-probe")
 LORA_TARGETS = r".*encoder\.blocks\.\d+\.(attn\.qkv\.[qv]|mlp\.fc[12])"
 
 
@@ -28,6 +31,8 @@ class TuningConfig:
     rank: int = 16  # LoRA rank r
     alpha: int = 16  # LoRA scaling α
     dropout: float = 0.0
+    prompt_tokens: int = 100  # VPT: learned tokens per block
+    prompt_dropout: float = 0.1  # VPT: dropout on the prompts
     target_modules: str = field(default=LORA_TARGETS)
     patch_embed: bool = False  # train (and save) the patch embedding: set when bands are fresh
 
@@ -42,6 +47,8 @@ def apply_tuning(model: nn.Module, cfg: TuningConfig) -> nn.Module:
     if cfg.method == "full":
         model.requires_grad_(True)
         return model
+    if cfg.method == "vpt":
+        model.encoder.add_prompts(cfg.prompt_tokens, cfg.prompt_dropout)
     if cfg.method in ("lora", "dora"):
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -50,7 +57,7 @@ def apply_tuning(model: nn.Module, cfg: TuningConfig) -> nn.Module:
         inject_adapter_in_model(config, model)  # freezes all but the adapters
     model.encoder.requires_grad_(False)
     for name, p in model.encoder.named_parameters():
-        if "lora_" in name:
+        if "lora_" in name or name == "prompts":
             p.requires_grad_(True)
     model.encoder.patch_embed.requires_grad_(cfg.patch_embed)
     model.neck.requires_grad_(True)
@@ -109,5 +116,5 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or n.endswith("encoder.prompts"))
     return {"total": total, "trainable": trainable, "adapter": adapter}

@@ -24,11 +24,11 @@ BACKBONES = tuple(PATCH_SIZES)
 # The choices `train` accepts, as `engine models` reports them ("auto", the engine's default,
 # first). Dialogs use the engine's lists when it has answered; these are the offline fallback
 # (a test keeps them equal to the engine's).
-TUNING_METHODS = ("auto", "lora", "dora", "full", "linear-probe")
+TUNING_METHODS = ("auto", "lora", "dora", "vpt", "full", "linear-probe")
 DECODERS = ("auto", "unet", "upernet", "fcn", "linear")
 # How dialogs and Processing show them; a choice a newer engine adds shows under its own name.
 TUNING_LABELS = {"auto": "Automatic (LoRA with pretrained weights, else full)", "lora": "LoRA",
-                 "dora": "DoRA", "full": "Full fine-tuning",
+                 "dora": "DoRA", "vpt": "VPT (visual prompt tuning)", "full": "Full fine-tuning",
                  "linear-probe": "Linear probe (frozen backbone)"}
 DECODER_LABELS = {"auto": "Automatic (linear head for linear probe, else UNet)", "unet": "UNet",
                   "upernet": "UPerNet", "fcn": "FCN", "linear": "Linear head (light)"}

@@ -323,7 +323,7 @@ def _edited_model(tiny_model, tmp_path, edit) -> Path:
 
 
 @pytest.mark.parametrize("edit, words, hint", [
-    (lambda c: c.update(card_version=99), ["card version 99", "versions 1 to 2"], "update GeoPEFT"),
+    (lambda c: c.update(card_version=99), ["card version 99", "versions 1 to 3"], "update GeoPEFT"),
     (lambda c: c.update(colour_map="viridis"), ["unknown field colour_map"], "remove the field"),
     (lambda c: c["tuning"].update(qlora_bits=4), ["unknown field tuning.qlora_bits"], "remove the field"),
     (lambda c: c.update(chip_size="32"), ["chip_size should be an integer", "string"], None),
