@@ -180,9 +180,11 @@ class PrithviViT(nn.Module):
         return self._positions[grid].to(device)
 
     def _blocks(self, x: torch.Tensor, temporal_coords=None, location_coords=None,
-                keep: set[int] | None = None) -> tuple[dict[int, torch.Tensor], tuple[int, int, int]]:
+                keep: set[int] | None = None, as_image: bool = False) -> dict[int, torch.Tensor]:
         """Tokens [B, 1 + t*h*w, D] after the blocks in ``keep`` (None: every block), the last
-        block's after the final norm; and the token grid (t, h, w)."""
+        block's after the final norm; ``as_image``: CLS dropped and as [B, t*D, h, w] instead
+        (made inside the loop, as each block ends: the same order of operations, so the same
+        gradients to the last bit, as before forward_features existed)."""
         if x.ndim == 4:  # one frame: [B, C, H, W] → [B, C, 1, H, W]
             x = x.unsqueeze(2)
         b, _, t, height, width = x.shape
@@ -192,6 +194,9 @@ class PrithviViT(nn.Module):
                               f"its patch size {p}")
         grid = (t, height // p, width // p)
         pos = self._pos_embed(grid, x.device)
+        # the built size as plain numbers (an exported model's reshape must not depend on traced sizes)
+        t, h, w = self.grid if grid == self.grid else grid
+        d = self.embed_dim
         tokens = self.patch_embed(x) + pos[:, 1:]
         if temporal_coords is not None or location_coords is not None:
             if not self.has_metadata:
@@ -217,7 +222,10 @@ class PrithviViT(nn.Module):
                 tokens = torch.cat([tokens[:, :1], tokens[:, 1 + n:]], dim=1)
             if keep is None or i in keep:
                 out[i] = self.norm(tokens) if i == last else tokens
-        return out, grid
+                if as_image:  # drop CLS; [B, (t h w), D] → [B, (t D), h, w]; D a number, not -1: an exported
+                    # model must know its channels (ONNX batch norm of a linear head refuses an unknown count)
+                    out[i] = out[i][:, 1:].reshape(b, t, h, w, d).permute(0, 1, 4, 2, 3).reshape(b, t * d, h, w)
+        return out
 
     def forward_features(self, x: torch.Tensor, temporal_coords: torch.Tensor | None = None,
                          location_coords: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -225,15 +233,9 @@ class PrithviViT(nn.Module):
         norm). ``x``: [B, C, T, H, W] (or [B, C, H, W] for one frame), sides multiples of the
         patch; any T. ``temporal_coords`` [B, T, 2] = (year, day of year) and ``location_coords``
         [B, 2] = (latitude, longitude), for models with the TL encoders."""
-        out, _ = self._blocks(x, temporal_coords, location_coords)
+        out = self._blocks(x, temporal_coords, location_coords)
         return [out[i] for i in range(len(self.blocks))]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out, grid = self._blocks(x, keep=set(self.spec.feature_layers))
-        # the built size as plain numbers (an exported model's reshape must not depend on traced sizes)
-        t, h, w = self.grid if tuple(grid) == self.grid else grid
-        b, d = x.shape[0], self.embed_dim
-        # drop CLS; [B, (t h w), D] → [B, (t D), h, w]; D a number, not -1: an exported model
-        # must know its channels (ONNX batch norm of a linear head refuses an unknown count)
-        return [out[i][:, 1:].reshape(b, t, h, w, d).permute(0, 1, 4, 2, 3).reshape(b, t * d, h, w)
-                for i in self.spec.feature_layers]
+        out = self._blocks(x, keep=set(self.spec.feature_layers), as_image=True)
+        return [out[i] for i in self.spec.feature_layers]

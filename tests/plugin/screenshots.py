@@ -29,7 +29,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from plugin_testdata import REPO, write_test_data  # noqa: E402
 
 
-def loop_screenshots(work: Path, out: Path, grab, settle) -> None:
+def loop_screenshots(work: Path, out: Path, grab, settle, epochs: int = 16, size: int = 384) -> None:
     """The analyst's loop from a real training run on the demo scene (see the module's doc)."""
     import subprocess
 
@@ -43,7 +43,7 @@ def loop_screenshots(work: Path, out: Path, grab, settle) -> None:
     os.environ.setdefault("GEOPEFT_ENGINE_PYTHON", sys.executable)
     python = os.environ["GEOPEFT_ENGINE_PYTHON"]
     scene_dir = work / "demo"
-    subprocess.run([python, "-m", "engine", "demo-data", "--out", str(scene_dir), "--size", "384"], check=True,
+    subprocess.run([python, "-m", "engine", "demo-data", "--out", str(scene_dir), "--size", str(size)], check=True,
                    cwd=REPO, capture_output=True)
     project = QgsProject.instance()
     project.clear()
@@ -54,12 +54,12 @@ def loop_screenshots(work: Path, out: Path, grab, settle) -> None:
     train.set_checked_rasters([scene])
     train.labels.setLayer(labels)
     train.weights.setCurrentIndex(train.weights.findData("none"))
-    train.epochs.setValue(16)
+    train.epochs.setValue(epochs)
     train.preview_every.setValue(2)
     train.out.setFilePath(str(work / "models" / "demo_round1"))
     train.show()
     train.start()
-    settle(lambda: train.chart.epochs >= 7 or train.task is None, timeout=600)
+    settle(lambda: train.chart.epochs >= min(7, epochs // 2 + 1) or train.task is None, timeout=600)
     grab(train, "train-dialog-running.png")
     train.show()
     settle(lambda: train.task is None, timeout=600)
@@ -136,6 +136,8 @@ def _render_html(html: Path, png: Path, width: int = 1000) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(REPO / "docs"))
+    parser.add_argument("--loop-epochs", type=int, default=16, help="epochs of the real training run shown")
+    parser.add_argument("--loop-size", type=int, default=384, help="side of its demo scene, pixels")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
                  "  Downloading rasterio-1.5.2-cp312-cp312-manylinux_2_28_x86_64.whl"):
         setup.output.appendPlainText(line)
     grab(setup, "setup-dialog.png")
-    loop_screenshots(work, out, grab, settle)  # clears the project: last
+    loop_screenshots(work, out, grab, settle, args.loop_epochs, args.loop_size)  # clears the project: last
     app.exitQgis()
     return 0
 

@@ -81,7 +81,7 @@ def test_preview_layer_updates_in_place_and_the_next_round_continues(dialog, qgi
             sources.append(layer.source())
         return d.task is None
 
-    wait_for(record, timeout=300)
+    wait_for(record, timeout=600)
     timer.stop()
     assert "Model saved" in d.status.text(), d.status.text()
     # a preview per epoch, each shown (events that arrive together are shown one after the other)

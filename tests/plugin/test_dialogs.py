@@ -460,16 +460,17 @@ def test_setup_dialog_checks_and_saves_the_engine_python(qgis_iface, tmp_path, _
 
 
 def test_screenshots_render(tmp_path):
-    """`make screenshots` renders every dialog (in its own QGIS process)."""
+    """`make screenshots` renders every dialog (in its own QGIS process), and the analyst's loop
+    from a real training run (shortened here: 4 epochs on a 128 px scene)."""
     import subprocess
     import sys
     from pathlib import Path
     script = Path(__file__).with_name("screenshots.py")
-    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120, env={**__import__("os").environ,
-                                                       "QT_QPA_PLATFORM": "offscreen"})
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--loop-epochs", "4",
+                           "--loop-size", "128"], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("train-dialog.png", "train-dialog-running.png", "predict-dialog.png",
-                 "setup-dialog.png"):
+                 "setup-dialog.png", "train-dialog-loop.png", "training-preview.png", "evaluation-report.png"):
         image = QgsRasterLayer(str(tmp_path / name), name)
         assert image.isValid() and image.width() > 500 and image.height() > 300, name
