@@ -126,6 +126,19 @@ def tiny_train_parameters(data, out, **overrides) -> dict:
     return params
 
 
+def model_folder(tmp_path, classes=CLASSES) -> Path:
+    """A model folder whose card names a backbone, tuning, classes and bands: what dialogs read
+    (for the stand-in engine of fake_engine.py, which never loads it)."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "card.json").write_text(json.dumps({
+        "backbone": {"name": "prithvi_eo_v2_tiny"}, "tuning": {"method": "lora"},
+        "classes": classes, "input": {"band_names": BANDS}}))
+    return model
+
+
 def wait_for(condition, timeout=120.0):
     """Spin the Qt event loop (tasks report back through queued signals) until condition()."""
     from qgis.PyQt.QtCore import QCoreApplication

@@ -24,23 +24,13 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from plugin_testdata import BANDS, CLASSES, needs_engine, wait_for
+from plugin_testdata import CLASSES, model_folder, needs_engine, wait_for
 
 # the test scene: EPSG:32633, 128 x 128 pixels of 30 m from (500000, 4000000)
 LEFT_HALF = (500000.0, 3996160.0, 501920.0, 4000000.0)  # columns 0-63
 TEMP_AOI = re.compile(r".*[/\\]geopeft-aoi-[^/\\]+[/\\]aoi\.gpkg$")
 UTM33 = QgsCoordinateReferenceSystem("EPSG:32633")
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
-
-
-
-def fake_model(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "card.json").write_text(json.dumps({
-        "backbone": {"name": "prithvi_eo_v2_tiny"}, "tuning": {"method": "lora"},
-        "classes": CLASSES, "input": {"band_names": BANDS}}))
-    return model
 
 
 def base_params(data, model, tmp_path) -> dict:
@@ -105,7 +95,7 @@ def shapes(features) -> list[tuple]:
 # -- the command line ----------------------------------------------------------------------------
 def test_predict_args_and_validation_of_aoi_and_mask(data, tmp_path):
     from qgis_plugin.core.commands import PredictConfig, aoi_box, predict_args, validate_predict
-    model = fake_model(tmp_path)
+    model = model_folder(tmp_path)
     out = str(tmp_path / "pred.tif")
 
     def config(**kw) -> PredictConfig:
@@ -150,7 +140,7 @@ def test_processing_area_parameters_are_visible_and_explained(alg):
 
 
 def test_processing_extent_becomes_an_aoi_box_with_its_epsg_code(alg, data, tmp_path):
-    model = fake_model(tmp_path)
+    model = model_folder(tmp_path)
     base, args = base_params(data, model, tmp_path), base_args(data, model, tmp_path)
     assert "--aoi" not in args_of(alg, base) and "--mask" not in args_of(alg, base)
     # QGIS writes extents xmin,xmax,ymin,ymax [CRS]; the engine takes minx,miny,maxx,maxy@CRS
@@ -173,7 +163,7 @@ def test_processing_extent_in_a_crs_without_epsg_code_is_reprojected_to_the_rast
     custom = QgsCoordinateReferenceSystem.fromProj(
         "+proj=tmerc +lat_0=0 +lon_0=15 +k=0.9996 +x_0=600000 +y_0=0 +datum=WGS84 +units=m +no_defs")
     assert custom.isValid() and not custom.authid().upper().startswith("EPSG:")
-    model = fake_model(tmp_path)
+    model = model_folder(tmp_path)
     rect = QgsRectangle(600000, 3996160, 601920, 4000000)
     args = args_of(alg, {**base_params(data, model, tmp_path),
                          "EXTENT": QgsReferencedRectangle(rect, custom)})
@@ -186,7 +176,7 @@ def test_processing_extent_in_a_crs_without_epsg_code_is_reprojected_to_the_rast
 def test_processing_mask_is_passed_through_and_checked_against_the_grid(
         alg, provider, data, tmp_path, fake_python, monkeypatch):
     from qgis import processing
-    model = fake_model(tmp_path)
+    model = model_folder(tmp_path)
     base, args = base_params(data, model, tmp_path), base_args(data, model, tmp_path)
     assert args_of(alg, {**base, "MASK": str(data["labels"])}) == \
         args + ["--mask", str(data["labels"]), "--device", "auto"]
@@ -211,7 +201,7 @@ def test_processing_mask_is_passed_through_and_checked_against_the_grid(
 
 
 def test_processing_refuses_an_extent_and_polygons_together(alg, polygons, data, tmp_path):
-    params = {**base_params(data, fake_model(tmp_path), tmp_path),
+    params = {**base_params(data, model_folder(tmp_path), tmp_path),
               "EXTENT": "500000,501920,3996160,4000000 [EPSG:32633]", "AOI": polygons.id()}
     with pytest.raises(QgsProcessingException, match="not both"):
         args_of(alg, params)
@@ -221,7 +211,7 @@ def test_processing_polygons_selected_only_go_to_a_temporary_geopackage(
         provider, polygons, data, tmp_path, fake_python, monkeypatch):
     from qgis import processing
     monkeypatch.setenv("GEOPEFT_ENGINE_PYTHON", fake_python)
-    model = fake_model(tmp_path)
+    model = model_folder(tmp_path)
     ids = sorted(polygons.allFeatureIds())[:3]
     polygons.selectByIds(ids)
     expected = shapes(polygons.getFeatures(ids))
@@ -256,7 +246,7 @@ def test_processing_polygons_in_another_crs_keep_it_and_empty_ones_are_refused(
     feature.setGeometry(QgsGeometry.fromRect(to_wgs84(LEFT_HALF)))
     assert layer.dataProvider().addFeatures([feature])[0]
     qgis_new_project.addMapLayer(layer)
-    params = {**base_params(data, fake_model(tmp_path), tmp_path), "AOI": layer.id()}
+    params = {**base_params(data, model_folder(tmp_path), tmp_path), "AOI": layer.id()}
     processing.run("geopeft:predict", params)
     argv, copy = recorded(tmp_path / "rec")
     assert TEMP_AOI.match(argv[argv.index("--aoi") + 1])
@@ -302,7 +292,7 @@ def dialog(qgis_iface, qgis_new_project, data, polygons, tmp_path):
     qgis_new_project.addMapLayers(list(layers.values()))
     d = PredictDialog(qgis_iface)
     d.raster.setLayer(layers["scene"])
-    d.model.setFilePath(str(fake_model(tmp_path)))
+    d.model.setFilePath(str(model_folder(tmp_path)))
     d.out.setFilePath(str(tmp_path / "pred.tif"))
     d.layers = layers
     yield d

@@ -19,7 +19,7 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QPlainTextEdit
 
-from plugin_testdata import BANDS, CLASSES, needs_engine, bar_text, wait_for
+from plugin_testdata import BANDS, CLASSES, model_folder, needs_engine, bar_text, wait_for
 
 
 
@@ -283,15 +283,6 @@ def test_crashed_engine_shows_its_error_output(qgis_iface, project, tmp_path, fa
     assert log_text.startswith("$ <engine python> -m engine predict") and "CUDA out of memory" in log_text
     assert not (tmp_path / "pred.tif").exists()
     d.close()
-
-
-def model_folder(tmp_path, classes=CLASSES):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "card.json").write_text(json.dumps({
-        "backbone": {"name": "prithvi_eo_v2_tiny"}, "tuning": {"method": "lora"},
-        "classes": classes, "input": {"band_names": BANDS}}))
-    return model
 
 
 def test_predict_dialog_adds_uncertainty_and_polygons_styled(qgis_iface, project, tmp_path,

@@ -20,7 +20,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from plugin_testdata import BANDS, CLASSES, bar_text, wait_for
+from plugin_testdata import CLASSES, bar_text, model_folder, wait_for
 
 
 @pytest.fixture
@@ -30,15 +30,6 @@ def project(qgis_new_project, data):
     assert all(layer.isValid() for layer in layers.values())
     qgis_new_project.addMapLayers(list(layers.values()))
     return layers
-
-
-def model_folder(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "card.json").write_text(json.dumps({
-        "backbone": {"name": "prithvi_eo_v2_tiny"}, "tuning": {"method": "lora"},
-        "classes": CLASSES, "input": {"band_names": BANDS}}))
-    return model
 
 
 def near(a: QgsRectangle, b: QgsRectangle, tol=1e-6) -> bool:
