@@ -116,7 +116,7 @@ def backbone_encoder(name: str, stack: RasterStack, band_names: list[str] | None
 
     from engine.models.checkpoints import load_backbone_weights, resolve_weights
     from engine.models.registry import get_backbone_spec
-    from engine.models.segmentor import ENCODERS
+    from engine.models.families import build_encoder
     from engine.training.train import _band_names
 
     spec = get_backbone_spec(name)
@@ -127,7 +127,7 @@ def backbone_encoder(name: str, stack: RasterStack, band_names: list[str] | None
     names = _band_names(stack, band_names, spec, reporter)
     path = resolve_weights(spec, weights, reporter)
     torch.manual_seed(seed)
-    encoder = ENCODERS[spec.family](spec, stack.count, size)
+    encoder = build_encoder(spec, names, size)
     loaded = load_backbone_weights(encoder, spec, path, names, reporter, trust=trust_checkpoint)
     source = {"backbone": spec.name, "weights": loaded.source if path is None or weights not in ("auto", "hub")
               else "hub", "weights_path": loaded.path, "band_names": names}

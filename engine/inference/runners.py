@@ -180,21 +180,23 @@ def load_trained_model(card: dict, folder: Path, reporter: Reporter, trust_check
     trained tensors loaded (``load_trained_tensors``)."""
     from engine.models.checkpoints import load_backbone_weights, resolve_weights, sha256_file
     from engine.models.decoders import DECODERS
-    from engine.models.registry import BACKBONES, get_backbone_spec
+    from engine.models.registry import get_backbone_spec, is_backbone
     from engine.models.segmentor import build_segmentor
     from engine.tuning import METHODS, TuningConfig, apply_tuning
 
     card_file = folder / CARD_FILE
     # names the card's schema cannot check (the registries import torch)
-    for what, value, known in (("backbone", card["backbone"]["name"], BACKBONES), ("decoder", card["decoder"], DECODERS),
+    from engine.models.registry import BACKBONES
+    for what, value, known in (("backbone", card["backbone"]["name"], None), ("decoder", card["decoder"], DECODERS),
                                ("tuning method", card["tuning"]["method"], METHODS)):
-        if value not in known:
+        if not (is_backbone(value) if known is None else value in known):
             raise EngineError(f"model card {card_file}: unknown {what} {value!r} (this engine knows: "
-                              f"{', '.join(known)})", hint="the card was written by another GeoPEFT version or "
+                              f"{', '.join(BACKBONES if known is None else known)})", hint="the card was written by another GeoPEFT version or "
                                                            "edited by hand: update GeoPEFT, or train the model again")
     spec = get_backbone_spec(card["backbone"]["name"])
     inp = card["input"]
-    model = build_segmentor(spec, len(inp["bands"]), card["chip_size"], len(card["classes"]), card["decoder"])
+    model = build_segmentor(spec, len(inp["bands"]), card["chip_size"], len(card["classes"]), card["decoder"],
+                            band_names=inp["band_names"], method=card["tuning"]["method"])
     weights = card["backbone"].get("weights", {})
     if weights.get("source") in ("file", "hub"):
         path = Path(weights["path"]) if weights.get("path") else None

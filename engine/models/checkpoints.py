@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from engine.models.registry import BackboneSpec, canonical_band
+from engine.models.registry import BackboneSpec, band_wavelength, canonical_band
 from engine.protocol import EngineError, Reporter
 
 DROPPED_KEYS = ("pos_embed", "mask_token")
@@ -223,14 +223,37 @@ def prithvi_encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def adapt_patch_embedding(weight: torch.Tensor, pretrained_bands: tuple[str, ...],
-                          user_bands: list[str], fresh: torch.Tensor) -> tuple[torch.Tensor, dict, list]:
-    """Copy pretrained input channels to the user's bands by name; others keep ``fresh`` init."""
-    out = fresh.clone()
+def match_bands(pretrained_bands: tuple[str, ...], user_bands: list[str], tolerance: float = 0.03) -> dict[int, int]:
+    """user band position → pretrained band position: by name first, else by the nearest centre
+    wavelength within ``tolerance`` (relative; e.g. Sentinel-2 B8 at 842 nm → the narrow NIR band
+    at 865 nm; a band named ``705nm`` → red edge 1). Each pretrained band is used once."""
     index = {canonical_band(b): i for i, b in enumerate(pretrained_bands)}
-    matched, new = {}, []
+    out: dict[int, int] = {}
     for j, name in enumerate(user_bands):
         i = index.get(canonical_band(name)) if name else None
+        if i is not None and i not in out.values():
+            out[j] = i
+    waves = [band_wavelength(b) for b in pretrained_bands]
+    for j, name in enumerate(user_bands):
+        wave = band_wavelength(name) if name and j not in out else None
+        if wave is None:
+            continue
+        near = [(abs(w - wave) / w, i) for i, w in enumerate(waves)
+                if w is not None and i not in out.values() and abs(w - wave) / w <= tolerance]
+        if near:
+            out[j] = min(near)[1]
+    return out
+
+
+def adapt_patch_embedding(weight: torch.Tensor, pretrained_bands: tuple[str, ...],
+                          user_bands: list[str], fresh: torch.Tensor) -> tuple[torch.Tensor, dict, list]:
+    """Copy pretrained input channels to the user's bands (``match_bands``: by name, else by
+    wavelength); others keep ``fresh`` init."""
+    out = fresh.clone()
+    pairs = match_bands(pretrained_bands, user_bands)
+    matched, new = {}, []
+    for j, name in enumerate(user_bands):
+        i = pairs.get(j)
         if i is not None and i < weight.shape[1]:
             out[:, j] = weight[:, i]
             matched[name] = i
@@ -246,18 +269,21 @@ def load_backbone_weights(encoder: nn.Module, spec: BackboneSpec, path: Path | N
     ``state``: the file's tensors when already read (``read_state_dict(path, trust)``)."""
     if path is None:
         return LoadedWeights("random")
-    state = prithvi_encoder_state(read_state_dict(path, trust) if state is None else state)
-    own = encoder.state_dict()
-    for k in METADATA_KEYS:
+    from engine.models.families import encoder_state
+    state = encoder_state(spec, read_state_dict(path, trust) if state is None else state)
+    # what tuning adds (VPT prompts, the ViT-Adapter) is not in a backbone checkpoint
+    own = {k: v for k, v in encoder.state_dict().items() if not k.startswith(("adapter.", "prompts"))}
+    for k in getattr(encoder, "optional_keys", ()):
         if k not in own:
             state.pop(k, None)
-    key = "patch_embed.proj.weight"
+    key = getattr(encoder, "first_layer_key", None)
     matched, fresh = {}, []
-    described = describe_checkpoint(state)  # before the patch embedding is adapted to the user's bands
-    if key in state and key in own:
+    described = describe_checkpoint(state)  # before the first layer is adapted to the user's bands
+    if key and key in state and key in own:
         w = state[key]
         if w.ndim == own[key].ndim and w.shape[0] == own[key].shape[0] and w.shape[2:] == own[key].shape[2:]:
-            state[key], matched, fresh = adapt_patch_embedding(w, spec.bands, band_names, own[key])
+            # one frame's bands (a multi-frame input repeats them per frame)
+            state[key], matched, fresh = adapt_patch_embedding(w, spec.bands, band_names[:own[key].shape[1]], own[key])
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -273,9 +299,9 @@ def load_backbone_weights(encoder: nn.Module, spec: BackboneSpec, path: Path | N
                           f"{len(unexpected)} unexpected ({example}). The file holds {described}",
                           hint=f"pass the weights of {spec.name} ({spec.hub_file or 'see python -m engine models'}), "
                                "or pick the --backbone the file was made for")
-    encoder.load_state_dict(state, strict=True)
+    encoder.load_state_dict(state, strict=False)  # every key checked above
     if matched:
-        reporter.info("pretrained bands matched by name: " +
+        reporter.info("pretrained bands matched by name or wavelength: " +
                       ", ".join(f"{u}→{spec.bands[i]}" for u, i in matched.items()))
     if fresh:
         reporter.warning(f"bands without a pretrained counterpart start from fresh weights: {', '.join(fresh)} "

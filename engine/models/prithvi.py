@@ -111,9 +111,16 @@ class SplitQKV(nn.Module):
 
 
 class PrithviViT(nn.Module):
-    """Encoder returning the outputs of ``spec.feature_layers`` as images [B, D, H/p, W/p]
+    """Encoder returning the outputs of ``spec.feature_layers`` as images [B, t*D, H/p, W/p]
     (``forward``), or every block's tokens (``forward_features``). ``metadata``: build the
-    temporal and location encoders (TL variants only)."""
+    temporal and location encoders (TL variants only). ``in_chans`` are the bands of one frame;
+    ``forward`` takes [B, num_frames * in_chans, H, W] with the frames' bands one frame after
+    the other (as stacked rasters hold them)."""
+
+    lora_targets = r"blocks\.\d+\.(attn\.qkv\.[qv]|mlp\.fc[12])"
+    methods = ("lora", "dora", "vpt", "vit-adapter", "full", "linear-probe")
+    first_layer_key = "patch_embed.proj.weight"
+    optional_keys = ("temporal_embed_enc.scale", "location_embed_enc.scale")
 
     def __init__(self, spec: BackboneSpec, in_chans: int, img_size: int, num_frames: int = 1,
                  metadata: bool = False):
@@ -142,6 +149,11 @@ class PrithviViT(nn.Module):
             self.temporal_embed_enc = MetadataEncoder(spec.embed_dim)
             self.location_embed_enc = MetadataEncoder(spec.embed_dim)
         self.out_channels = [spec.embed_dim * num_frames] * len(spec.feature_layers)
+        self.strides = [spec.patch_size] * len(spec.feature_layers)
+        self.chip_multiple = spec.patch_size
+        self.feature_layers = tuple(spec.feature_layers)
+        self.adapter: nn.Module | None = None  # ViT-Adapter (engine.tuning.vit_adapter)
+        self.coords: tuple[torch.Tensor, torch.Tensor] | None = None  # TL inputs of the scene (set_coords)
         self._positions: dict[tuple[int, int, int], torch.Tensor] = {}
         self.prompts: nn.Parameter | None = None  # VPT (add_prompts)
         self._init_weights()
@@ -179,14 +191,15 @@ class PrithviViT(nn.Module):
             self._positions[grid] = sincos_3d(self.embed_dim, grid)
         return self._positions[grid].to(device)
 
-    def _blocks(self, x: torch.Tensor, temporal_coords=None, location_coords=None,
-                keep: set[int] | None = None, as_image: bool = False) -> dict[int, torch.Tensor]:
-        """Tokens [B, 1 + t*h*w, D] after the blocks in ``keep`` (None: every block), the last
-        block's after the final norm; ``as_image``: CLS dropped and as [B, t*D, h, w] instead
-        (made inside the loop, as each block ends: the same order of operations, so the same
-        gradients to the last bit, as before forward_features existed)."""
-        if x.ndim == 4:  # one frame: [B, C, H, W] → [B, C, 1, H, W]
-            x = x.unsqueeze(2)
+    def embed_tokens(self, x: torch.Tensor, temporal_coords=None, location_coords=None):
+        """Patch tokens with positions (and TL encodings) and CLS first: ([B, 1 + t*h*w, D], 1,
+        (t, h, w)). ``x``: [B, C, T, H, W], or [B, T*C, H, W] (frames' bands one after another)."""
+        if x.ndim == 4:  # [B, T*C, H, W] → [B, C, T, H, W]
+            x = x.reshape(x.shape[0], self.num_frames, self.in_chans, *x.shape[-2:]).transpose(1, 2) \
+                if self.num_frames > 1 else x.unsqueeze(2)
+        if temporal_coords is None and location_coords is None and self.coords is not None:
+            temporal_coords, location_coords = (c if c is None else c.to(x.device).expand(x.shape[0], *c.shape[1:])
+                                                for c in self.coords)
         b, _, t, height, width = x.shape
         p = self.patch_size
         if height % p or width % p:
@@ -196,7 +209,6 @@ class PrithviViT(nn.Module):
         pos = self._pos_embed(grid, x.device)
         # the built size as plain numbers (an exported model's reshape must not depend on traced sizes)
         t, h, w = self.grid if grid == self.grid else grid
-        d = self.embed_dim
         tokens = self.patch_embed(x) + pos[:, 1:]
         if temporal_coords is not None or location_coords is not None:
             if not self.has_metadata:
@@ -209,7 +221,16 @@ class PrithviViT(nn.Module):
             if location_coords is not None:  # [B, 2] (lat, lon) → every patch
                 tokens = tokens + self.location_embed_enc(location_coords.reshape(b, 2))[:, None]
         cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
+        return torch.cat([cls, tokens], dim=1), 1, (t, h, w)
+
+    def _blocks(self, x: torch.Tensor, temporal_coords=None, location_coords=None,
+                keep: set[int] | None = None, as_image: bool = False) -> dict[int, torch.Tensor]:
+        """Tokens [B, 1 + t*h*w, D] after the blocks in ``keep`` (None: every block), the last
+        block's after the final norm; ``as_image``: CLS dropped and as [B, t*D, h, w] instead
+        (made inside the loop, as each block ends: the same order of operations, so the same
+        gradients to the last bit, as before forward_features existed)."""
+        tokens, _, (t, h, w) = self.embed_tokens(x, temporal_coords, location_coords)
+        b, d = tokens.shape[0], self.embed_dim
         out = {}
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -236,6 +257,36 @@ class PrithviViT(nn.Module):
         out = self._blocks(x, temporal_coords, location_coords)
         return [out[i] for i in range(len(self.blocks))]
 
+    def set_coords(self, temporal_coords: torch.Tensor | None, location_coords: torch.Tensor | None) -> None:
+        """The TL inputs ``forward`` uses when given none: [1, T, 2] (year, day of year) and [1, 2]
+        (latitude, longitude) of the scene, stored as buffers (so they travel with the model and
+        into an export); None for both: no metadata."""
+        if temporal_coords is None and location_coords is None:
+            self.coords = None
+            return
+        if not self.has_metadata:
+            raise EngineError(f"{self.spec.name} has no temporal/location encoders (it is not a -TL model)",
+                              hint="use a -TL backbone for --metadata, or leave --metadata out")
+        t = torch.as_tensor(temporal_coords, dtype=torch.float32).reshape(1, -1, 2) \
+            if temporal_coords is not None else None
+        loc = torch.as_tensor(location_coords, dtype=torch.float32).reshape(1, 2) if location_coords is not None else None
+        self.coords = (t, loc)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.adapter is not None:
+            return self.adapter(self, x)
         out = self._blocks(x, keep=set(self.spec.feature_layers), as_image=True)
         return [out[i] for i in self.spec.feature_layers]
+
+
+def build_encoder(spec: BackboneSpec, band_names: list[str], img_size: int, num_frames: int = 1,
+                  metadata: bool = False) -> PrithviViT:
+    if len(band_names) % num_frames:
+        raise EngineError(f"{len(band_names)} bands cannot be {num_frames} frames of equal band count",
+                          hint="stack the same bands for every date (one --image per date)")
+    return PrithviViT(spec, len(band_names) // num_frames, img_size, num_frames, metadata=metadata)
+
+
+def encoder_state(state: dict, spec: BackboneSpec) -> dict:
+    from engine.models.checkpoints import prithvi_encoder_state
+    return prithvi_encoder_state(state)

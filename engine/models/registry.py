@@ -5,11 +5,20 @@ uses ``bands``/``mean``/``std`` to adapt the first layer when the user's bands d
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from engine.protocol import EngineError
 
 HLS_BANDS = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
+# Centre wavelengths (µm) of the bands users' rasters carry, by canonical name (Sentinel-2 MSI
+# values; Landsat/HLS bands of the same name lie within a few nm). Used to match bands by
+# wavelength and to feed wavelength-conditioned models (Clay).
+WAVELENGTHS = {
+    "COASTAL": 0.443, "BLUE": 0.493, "GREEN": 0.56, "RED": 0.665, "REDEDGE_1": 0.704, "REDEDGE_2": 0.74,
+    "REDEDGE_3": 0.783, "NIR_BROAD": 0.842, "NIR_NARROW": 0.865, "WATER_VAPOUR": 0.945, "CIRRUS": 1.375,
+    "SWIR_1": 1.61, "SWIR_2": 2.19,
+}
 PRITHVI_V1_MEAN = (775.2290211032589, 1080.992780391705, 1228.5855250417867, 2497.2022620507532,
                    2204.2139147975554, 1610.8324823273745)
 PRITHVI_V1_STD = (1281.526139861424, 1270.0297974547493, 1399.4802505642526, 1368.3446143747644,
@@ -35,6 +44,12 @@ class BackboneSpec:
     licence: str = "Apache-2.0"
     tl: bool = False  # temporal and location encoders (the -TL checkpoints)
     frames: int = 1  # frames in pretraining (any number works: positions are recomputed)
+    weights_licence: str = "Apache-2.0"
+    params_m: float = 0.0  # encoder parameters (millions) with the pretraining bands, as listed
+    options: tuple = ()  # family-specific settings as (key, value) pairs (e.g. a timm model name)
+
+    def option(self, key: str, default=None):
+        return dict(self.options).get(key, default)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -70,11 +85,20 @@ register(BackboneSpec("prithvi_eo_v1_100", "prithvi", 768, 12, 12, 16, (2, 5, 8,
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
+    """A registered backbone, or any timm model as ``timm:NAME``."""
+    if name.startswith("timm:"):
+        from engine.models.timm_backbones import timm_spec
+        return timm_spec(name)
     try:
         return BACKBONES[name]
     except KeyError:
         raise EngineError(f"unknown backbone {name!r}",
-                          hint=f"choose one of: {', '.join(sorted(BACKBONES))}") from None
+                          hint=f"choose one of: {', '.join(sorted(BACKBONES))}, or timm:NAME for a timm "
+                               "model") from None
+
+
+def is_backbone(name: str) -> bool:
+    return name in BACKBONES or name.startswith("timm:")
 
 
 # Band names users' rasters carry (descriptions), mapped to the models' band names.
@@ -84,6 +108,13 @@ BAND_ALIASES = {
     "B4": "RED", "B04": "RED", "RED": "RED",
     "B8A": "NIR_NARROW", "B08A": "NIR_NARROW", "NIR_NARROW": "NIR_NARROW", "NIR08": "NIR_NARROW",
     "NARROW NIR": "NIR_NARROW", "NIR": "NIR_NARROW",
+    "B1": "COASTAL", "B01": "COASTAL", "COASTAL": "COASTAL", "AEROSOL": "COASTAL",
+    "B5": "REDEDGE_1", "B05": "REDEDGE_1", "REDEDGE1": "REDEDGE_1", "RED_EDGE_1": "REDEDGE_1",
+    "B6": "REDEDGE_2", "B06": "REDEDGE_2", "REDEDGE2": "REDEDGE_2", "RED_EDGE_2": "REDEDGE_2",
+    "B7": "REDEDGE_3", "B07": "REDEDGE_3", "REDEDGE3": "REDEDGE_3", "RED_EDGE_3": "REDEDGE_3",
+    "B8": "NIR_BROAD", "B08": "NIR_BROAD", "NIR_BROAD": "NIR_BROAD",
+    "B9": "WATER_VAPOUR", "B09": "WATER_VAPOUR", "WATER_VAPOUR": "WATER_VAPOUR",
+    "B10": "CIRRUS", "CIRRUS": "CIRRUS",
     "B11": "SWIR_1", "SWIR_1": "SWIR_1", "SWIR1": "SWIR_1", "SWIR16": "SWIR_1",
     "B12": "SWIR_2", "SWIR_2": "SWIR_2", "SWIR2": "SWIR_2", "SWIR22": "SWIR_2",
 }
@@ -92,3 +123,16 @@ BAND_ALIASES = {
 def canonical_band(name: str) -> str:
     key = name.strip().upper().replace("-", "_")
     return BAND_ALIASES.get(key, key)
+
+
+def band_wavelength(name: str) -> float | None:
+    """The centre wavelength (µm) of a band: by its name (``B04``, ``red``), or given in the
+    name itself as ``665nm``, ``0.665um`` or ``0.665µm``; None when unknown."""
+    if not name:
+        return None
+    text = name.strip().lower().replace(" ", "")
+    m = re.fullmatch(r"(?:.*[^\d.])?(\d+(?:\.\d+)?)(nm|um|µm|μm)", text)
+    if m:
+        value = float(m.group(1))
+        return value / 1000 if m.group(2) == "nm" else value
+    return WAVELENGTHS.get(canonical_band(name))

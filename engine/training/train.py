@@ -316,7 +316,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     from engine.models.segmentor import build_segmentor
     from engine.training.task import (History, KeepBest, ProgressEvents, ResumeCheckpoints, SegmentationTask,
                                       TrainingCancelled)
-    from engine.tuning import apply_tuning, count_parameters
+    from engine.tuning import apply_tuning, count_parameters, lora_targets
 
     # Our own events report progress; Lightning's info lines and tips are noise here.
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -328,14 +328,16 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     method, lr = choose_method_and_lr(cfg.tuning.method, cfg.lr, pretrained=weights_path is not None,
                                       reporter=reporter)
     decoder = default_decoder(method) if cfg.decoder == "auto" else cfg.decoder
-    model = build_segmentor(spec, len(data.band_indices), data.chip_size, len(data.classes), decoder)
+    model = build_segmentor(spec, len(data.band_indices), data.chip_size, len(data.classes), decoder,
+                            band_names=data.band_names, method=method)
     loaded = load_backbone_weights(model.encoder, spec, weights_path, data.band_names, reporter,
                                    trust=cfg.trust_checkpoint, state=weights_state)
     del weights_state
     if weights_path is not None and cfg.weights in ("hub", "auto"):
         loaded.source = "hub"
     # Fresh band columns of the patch embedding must train and be saved with the model.
-    tuning = replace(cfg.tuning, method=method, patch_embed=bool(loaded.fresh_bands))
+    tuning = replace(cfg.tuning, method=method, patch_embed=bool(loaded.fresh_bands),
+                     target_modules=cfg.tuning.target_modules or lora_targets(model))
     apply_tuning(model, tuning)
     if parent is not None:
         from engine.training.warmstart import load_parent_tensors

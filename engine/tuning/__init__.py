@@ -7,6 +7,10 @@
 - ``vpt``: deep visual prompt tuning (Jia et al. 2022, as in the paper): ``prompt_tokens``
   learned tokens (default 100, dropout 0.1) enter every encoder block after CLS and leave after
   it; the backbone stays frozen.
+- ``vit-adapter``: the ViT-Adapter (Chen et al. 2023, as in the paper) around the frozen ViT:
+  a convolutional spatial prior, injectors and extractors made of standard attention (so it
+  runs on CPUs and exports to ONNX), giving a 1/4…1/32 pyramid; built with the model
+  (``build_segmentor(method=...)``, see ``engine.tuning.vit_adapter``).
 - ``full``: everything trains.
 Neck and decoder always train. When some input bands have no pretrained counterpart
 (``patch_embed``), the patch embedding trains too: its fresh columns would otherwise stay at
@@ -15,14 +19,14 @@ their random start, and they must be saved so a reloaded model is the trained on
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from torch import nn
 
 from engine.protocol import EngineError
 
-METHODS = ("lora", "dora", "vpt", "full", "linear-probe")
-LORA_TARGETS = r".*encoder\.blocks\.\d+\.(attn\.qkv\.[qv]|mlp\.fc[12])"
+METHODS = ("lora", "dora", "vpt", "vit-adapter", "full", "linear-probe")
+LORA_TARGETS = r".*encoder\.blocks\.\d+\.(attn\.qkv\.[qv]|mlp\.fc[12])"  # Prithvi's (older cards name it)
 
 
 @dataclass
@@ -33,7 +37,7 @@ class TuningConfig:
     dropout: float = 0.0
     prompt_tokens: int = 100  # VPT: learned tokens per block
     prompt_dropout: float = 0.1  # VPT: dropout on the prompts
-    target_modules: str = field(default=LORA_TARGETS)
+    target_modules: str = ""  # regex of the layers LoRA adapts; "" → the backbone's own (the paper's)
     patch_embed: bool = False  # train (and save) the patch embedding: set when bands are fresh
 
     def as_dict(self) -> dict:
@@ -44,6 +48,12 @@ def apply_tuning(model: nn.Module, cfg: TuningConfig) -> nn.Module:
     """Set up ``model`` (a Segmentor) in place for ``cfg.method``; returns it."""
     if cfg.method not in METHODS:
         raise EngineError(f"unknown tuning method {cfg.method!r}", hint=f"choose one of: {', '.join(METHODS)}")
+    methods = getattr(model.encoder, "methods", METHODS)
+    if cfg.method not in methods:
+        raise EngineError(f"tuning method {cfg.method!r} does not suit this backbone",
+                          hint=f"it supports: {', '.join(methods)}")
+    if cfg.method == "vit-adapter" and getattr(model.encoder, "adapter", None) is None:
+        raise ValueError("build the model with method='vit-adapter' (build_segmentor) before tuning it")
     if cfg.method == "full":
         model.requires_grad_(True)
         return model
@@ -53,16 +63,23 @@ def apply_tuning(model: nn.Module, cfg: TuningConfig) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model
 
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                            target_modules=cfg.target_modules, use_dora=cfg.method == "dora")
+                            target_modules=cfg.target_modules or lora_targets(model), use_dora=cfg.method == "dora")
         inject_adapter_in_model(config, model)  # freezes all but the adapters
     model.encoder.requires_grad_(False)
     for name, p in model.encoder.named_parameters():
-        if "lora_" in name or name == "prompts":
+        if "lora_" in name or name == "prompts" or name.startswith("adapter."):
             p.requires_grad_(True)
-    model.encoder.patch_embed.requires_grad_(cfg.patch_embed)
+    first = getattr(model.encoder, "first_layer_key", None)
+    if first:
+        model.encoder.get_submodule(first.rsplit(".", 1)[0]).requires_grad_(cfg.patch_embed)
     model.neck.requires_grad_(True)
     model.decoder.requires_grad_(True)
     return model
+
+
+def lora_targets(model: nn.Module) -> str:
+    """The layers LoRA/DoRA adapt in ``model`` (a Segmentor): its encoder's own targets."""
+    return r".*encoder\." + model.encoder.lora_targets
 
 
 def trainable_state_dict(model: nn.Module, include_frozen: bool = False) -> dict:
@@ -116,5 +133,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or n.endswith("encoder.prompts"))
+    adapter = sum(p.numel() for n, p in model.named_parameters()
+                  if "lora_" in n or n.endswith("encoder.prompts") or ".adapter." in f".{n}")
     return {"total": total, "trainable": trainable, "adapter": adapter}
