@@ -84,6 +84,7 @@ SCHEMA = Field("object", keys={
             "sha256": _opt("str", "null"),
             "matched_bands": _opt("object", open=True),
             "fresh_bands": _opt("array", items=Field("str")),
+            "url": _opt("str"),  # hf://OWNER/REPO/FILE
         }),
         "licence": _opt("str"),
     }),
@@ -98,6 +99,12 @@ SCHEMA = Field("object", keys={
         "bands": Field("array", items=Field("int")),
         "band_names": Field("array", items=Field("str", "null")),
         "num_images": _opt("int"),
+        "frames": _opt("int"),  # dates in the stacked bands (1 when absent)
+        "metadata": _opt("object", keys={  # train --metadata: the -TL encoders' inputs
+            "dates": Field("array", items=Field("str")),
+            "temporal": Field("array", items=Field("array", items=Field("number"))),
+            "location": Field("array", items=Field("number")),
+        }),
         "mean": Field("array", items=Field("number")),
         "std": Field("array", items=Field("number")),
         "dtype": _opt("str", allowed=("float32",)),

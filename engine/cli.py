@@ -40,15 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bands", help="1-based bands of the stacked images, e.g. 1,2,3 or 2-7 (default: all)")
     t.add_argument("--band-names", help="names of the selected bands, comma-separated (default: the "
                    "rasters' band descriptions), used to match the model's pretrained bands")
+    t.add_argument("--frames", type=int, default=1, help="dates in the stacked bands: the same bands per date, one "
+                   "date after another (e.g. one --image per date); the backbone sees them as a time series")
+    t.add_argument("--metadata", action="store_true", help="feed a -TL backbone the acquisition dates and the "
+                   "scene centre (its temporal and location encoders); zeros otherwise")
+    t.add_argument("--date", help="acquisition date per frame, YYYY-MM-DD, comma-separated (default: from each "
+                   "raster's tags)")
     t.add_argument("--labels", help="class raster, or vector file (GeoPackage/GeoJSON/Shapefile)")
     t.add_argument("--label-field", help="class field of vector labels")
     t.add_argument("--ignore-index", type=int, help="label value meaning 'no label' (besides the raster's nodata)")
     t.add_argument("--classes", help="JSON list (or .json file) of {value, name, colour} naming the classes")
     t.add_argument("--backbone", default="prithvi_eo_v2_tiny", help="foundation model (see 'models')")
     t.add_argument("--weights", default="auto",
-                   help="backbone checkpoint file; 'auto' (hub when reachable, else random), 'hub', or 'none'")
+                   help="backbone checkpoint file (.safetensors/.pt/.pth/.ckpt), hf://OWNER/REPO/FILE (Hugging Face hub, "
+                   "cached), 'auto' (the model's hub file when reachable, else random), 'hub', or 'none'")
     t.add_argument("--tuning", default="auto", help="auto (lora with pretrained weights, full when the backbone "
-                   "starts from random weights), lora, dora, vpt (deep visual prompts), full or linear-probe")
+                   "starts from random weights), lora, dora, vpt (deep visual prompts), vit-adapter, full or linear-probe "
+                   "(each backbone's list: 'models')")
     t.add_argument("--lora-rank", type=int, default=16)
     t.add_argument("--lora-alpha", type=int, default=16)
     t.add_argument("--prompt-tokens", type=int, default=100, help="vpt: learned prompt tokens per encoder block")
@@ -242,6 +250,7 @@ def cmd_train(a, reporter: Reporter) -> dict:
         batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, device=a.device,
         precision=a.precision, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,
         seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers, trust_checkpoint=a.trust_checkpoint,
+        frames=a.frames, metadata=a.metadata, dates=_split(a.date),
         init_from=a.init_from, preview_dir=a.preview_dir, preview_every=a.preview_every,
         preview_extent=a.preview_extent, preview_request=a.preview_request)
     if a.init_from and not a.resume:  # options contradicting the parent are refused, naming them
@@ -342,14 +351,24 @@ def cmd_embed(a, reporter: Reporter) -> dict:
 
 def cmd_models(a, reporter: Reporter) -> dict:
     from engine.models.decoders import DECODERS  # torch: imported here, never at module import
-    from engine.models.registry import BACKBONES, BAND_ALIASES
+    from engine.models.registry import BACKBONES, BAND_ALIASES, band_wavelength
     from engine.tuning import METHODS
 
-    rows = [{"name": s.name, "embed_dim": s.embed_dim, "depth": s.depth, "patch": s.patch_size,
-             "bands": list(s.bands), "hub": f"{s.hub_repo}/{s.hub_file}"} for s in BACKBONES.values()]
+    rows = []
+    for s in BACKBONES.values():
+        params, methods = encoder_summary(s)
+        rows.append({"name": s.name, "family": s.family, "embed_dim": s.embed_dim, "depth": s.depth,
+                     "patch": s.patch_size, "params_m": round(params / 1e6, 1), "bands": list(s.bands),
+                     "wavelengths": [band_wavelength(b) for b in s.bands], "methods": methods,
+                     "tl": s.tl, "frames": s.frames, "hub": f"{s.hub_repo}/{s.hub_file}" if s.hub_repo else None,
+                     "weights_file": s.hub_file, "licence": s.weights_licence})
     if reporter.mode == "human":
+        print(f"{'name':<22} {'params':>7}  {'patch':>5}  {'bands':<34} {'licence':<12} weights file (Hugging Face)")
         for r in rows:
-            print(f"{r['name']:<22} dim {r['embed_dim']:>4}  depth {r['depth']:>2}  patch {r['patch']:>2}  {r['hub']}")
+            bands = ",".join(r["bands"]) if len(r["bands"]) <= 4 else f"{len(r['bands'])}: {r['bands'][0]}…{r['bands'][-1]}"
+            print(f"{r['name']:<22} {r['params_m']:>6.1f}M  {r['patch']:>5}  {bands:<34} {r['licence']:<12} "
+                  f"{r['hub'] or '-'}")
+        print("any timm model: --backbone timm:NAME (e.g. timm:vit_small_patch16_224, timm:resnet50)")
     # band_aliases: the names users' bands carry -> the models' band names (the table
     # canonical_band uses after upper-casing and replacing '-' by '_'), so callers such as the
     # QGIS plugin can show which bands will match without a copy of the table.
@@ -357,6 +376,17 @@ def cmd_models(a, reporter: Reporter) -> dict:
     return {"models": rows, "band_aliases": dict(BAND_ALIASES),
             "tuning_methods": ["auto", *(m for m in METHODS if m != "auto")],
             "decoders": ["auto", *(d for d in DECODERS if d != "auto")]}
+
+
+def encoder_summary(spec) -> tuple[int, list[str]]:
+    """(encoder parameters with the pretraining bands, tuning methods it supports), from an
+    encoder built on the meta device (no memory, no weights)."""
+    import torch
+
+    from engine.models.families import build_encoder
+    with torch.device("meta"):
+        encoder = build_encoder(spec, list(spec.bands), 8 * spec.patch_size)
+    return sum(p.numel() for p in encoder.parameters()), list(encoder.methods)
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export, "evaluate": cmd_evaluate,

@@ -129,7 +129,7 @@ def backbone_encoder(name: str, stack: RasterStack, band_names: list[str] | None
     torch.manual_seed(seed)
     encoder = build_encoder(spec, names, size)
     loaded = load_backbone_weights(encoder, spec, path, names, reporter, trust=trust_checkpoint)
-    source = {"backbone": spec.name, "weights": loaded.source if path is None or weights not in ("auto", "hub")
+    source = {"backbone": spec.name, "weights": loaded.source if path is None or weights not in ("auto", "hub") and not str(weights).startswith("hf://")
               else "hub", "weights_path": loaded.path, "band_names": names}
     return Encoder(encoder, size, spec.patch_size, spec.embed_dim, None, source=source)
 

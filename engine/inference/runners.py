@@ -196,12 +196,15 @@ def load_trained_model(card: dict, folder: Path, reporter: Reporter, trust_check
     spec = get_backbone_spec(card["backbone"]["name"])
     inp = card["input"]
     model = build_segmentor(spec, len(inp["bands"]), card["chip_size"], len(card["classes"]), card["decoder"],
-                            band_names=inp["band_names"], method=card["tuning"]["method"])
+                            band_names=inp["band_names"], method=card["tuning"]["method"],
+                            num_frames=inp.get("frames", 1), metadata="metadata" in inp)
+    if "metadata" in inp:  # a -TL model predicts with the dates and location it was trained with
+        model.encoder.set_coords(inp["metadata"]["temporal"], inp["metadata"]["location"])
     weights = card["backbone"].get("weights", {})
     if weights.get("source") in ("file", "hub"):
         path = Path(weights["path"]) if weights.get("path") else None
         if path is None or not path.is_file():
-            path = resolve_weights(spec, "hub", reporter) if weights["source"] == "hub" else None
+            path = resolve_weights(spec, weights.get("url") or "hub", reporter) if weights["source"] == "hub" else None
         if path is None or not path.is_file():
             raise EngineError(f"the backbone weights this model was trained on are missing: {weights.get('path')}",
                               hint="put the backbone checkpoint back at that path (models reference it, "

@@ -39,10 +39,12 @@ class LoadedWeights:
     sha256: str | None = None
     matched_bands: dict[str, int] = field(default_factory=dict)  # user band → pretrained channel
     fresh_bands: list[str] = field(default_factory=list)
+    url: str | None = None  # hf://OWNER/REPO/FILE the file came from
 
     def as_card(self) -> dict:
-        return {"source": self.source, "path": self.path, "sha256": self.sha256,
+        card = {"source": self.source, "path": self.path, "sha256": self.sha256,
                 "matched_bands": self.matched_bands, "fresh_bands": self.fresh_bands}
+        return {**card, "url": self.url} if self.url else card
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -53,8 +55,32 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+HF_PREFIX = "hf://"
+
+
+def parse_hf_url(url: str) -> tuple[str, str]:
+    """``hf://owner/repo/path/in/repo.pt`` → (``owner/repo``, ``path/in/repo.pt``)."""
+    parts = url[len(HF_PREFIX):].strip("/").split("/")
+    if len(parts) < 3 or not all(parts):
+        raise EngineError(f"--weights {url}: a hub address is hf://OWNER/REPO/FILE",
+                          hint="e.g. hf://ibm-nasa-geospatial/Prithvi-EO-2.0-300M/Prithvi_EO_V2_300M.pt")
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
 def resolve_weights(spec: BackboneSpec, weights: str | None, reporter: Reporter) -> Path | None:
-    """A local checkpoint path for ``weights`` (path, ``hub``, ``auto`` or ``none``)."""
+    """A local checkpoint path for ``weights`` (path, ``hf://OWNER/REPO/FILE``, ``hub``, ``auto``
+    or ``none``)."""
+    if weights and str(weights).startswith(HF_PREFIX):
+        repo, file = parse_hf_url(str(weights))
+        path = hub_file(repo, file, reporter)
+        if path is None:
+            from huggingface_hub.constants import HF_HUB_CACHE
+            raise EngineError(f"--weights {weights}: {file} is not in the Hugging Face cache ({HF_HUB_CACHE}) and "
+                              "the hub cannot be reached (offline?)",
+                              hint=f"where there is network, run `huggingface-cli download {repo} {file}` (it fills "
+                                   f"that cache; copy the cache folder here), or download {file} from "
+                                   f"https://huggingface.co/{repo} and pass --weights with its local path")
+        return path
     if weights in (None, "", "none"):
         reporter.warning(f"{spec.name}: no pretrained weights (--weights none); the backbone starts "
                          "from RANDOM weights, so results will be far below what the foundation model gives")
@@ -80,19 +106,25 @@ def resolve_weights(spec: BackboneSpec, weights: str | None, reporter: Reporter)
 def download_from_hub(spec: BackboneSpec, reporter: Reporter) -> Path | None:
     if not spec.hub_repo:
         return None
+    return hub_file(spec.hub_repo, spec.hub_file, reporter)
+
+
+def hub_file(repo: str, file: str, reporter: Reporter) -> Path | None:
+    """A file of a Hugging Face hub repository: the cached copy, else downloaded (into the hub
+    cache) when the hub is reachable; None when neither works."""
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
     try:
         from huggingface_hub import hf_hub_download
         try:  # cached copy first: no network needed
-            return Path(hf_hub_download(spec.hub_repo, spec.hub_file, local_files_only=True))
+            return Path(hf_hub_download(repo, file, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached
             pass
         if not _hub_reachable():
             reporter.info("the Hugging Face hub is not reachable (offline?)")
             return None
-        reporter.info(f"downloading {spec.hub_repo}/{spec.hub_file} from the Hugging Face hub …")
-        return Path(hf_hub_download(spec.hub_repo, spec.hub_file))
+        reporter.info(f"downloading {repo}/{file} from the Hugging Face hub …")
+        return Path(hf_hub_download(repo, file))
     except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP errors: all mean "not available"
         reporter.info(f"hub download failed: {type(exc).__name__}: {exc}")
         return None

@@ -54,6 +54,9 @@ class TrainConfig:
     chips_per_epoch: int | None = None
     workers: int = 0
     trust_checkpoint: bool = False  # unpickle a --weights file holding more than tensors (runs its code)
+    frames: int = 1  # dates in the stacked bands (the same bands per date, one date after another)
+    metadata: bool = False  # feed -TL backbones the dates and the scene centre (engine.data.metadata)
+    dates: list[str] | None = None  # one acquisition date per frame (else read from the rasters' tags)
     init_from: str | None = None  # a trained model folder to continue from (engine.training.warmstart)
     # previews of the model on the map while it trains (engine.training.preview)
     preview_dir: str | None = None
@@ -276,7 +279,7 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
         if Path(cfg.out).resolve() == parent.folder.resolve():
             raise EngineError(f"--out {cfg.out} is the model training continues from (--init-from): the new model "
                               "would replace it", hint="give --out a new folder: the parent stays as it is")
-    from engine.models.registry import get_backbone_spec
+    from engine.models.registry import BACKBONES, get_backbone_spec
     spec = get_backbone_spec(cfg.backbone)
     if cfg.tuning.method not in ("auto", *METHODS):
         raise EngineError(f"unknown tuning method {cfg.tuning.method!r}",
@@ -302,7 +305,22 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
     weights_state = read_state_dict(weights_path, cfg.trust_checkpoint) if weights_path else None
     from engine.training import resume as resuming
     resume_info, resume_from = resuming.read_resume(resume) if resume is not None else (None, None)
+    metadata = None
+    if cfg.frames < 1:
+        raise EngineError(f"--frames {cfg.frames} must be at least 1")
+    if cfg.metadata:
+        if not spec.tl:
+            tl = ", ".join(n for n, s in BACKBONES.items() if s.tl)
+            raise EngineError(f"--metadata: {spec.name} has no temporal/location encoders",
+                              hint=f"use a -TL backbone ({tl}), or leave --metadata out")
+        from engine.data.metadata import scene_metadata
+        metadata = scene_metadata([str(p) for p in cfg.images], cfg.frames, cfg.dates)
+        reporter.info(f"metadata for the temporal/location encoders: dates {', '.join(metadata['dates'])}, scene "
+                      f"centre {metadata['location'][0]:.4f}, {metadata['location'][1]:.4f} (lat, lon)")
     data = prepare_data(cfg, spec, reporter, parent)
+    if len(data.band_indices) % cfg.frames:
+        raise EngineError(f"{len(data.band_indices)} bands cannot be {cfg.frames} frames with the same bands",
+                          hint="stack one raster per date with the same bands (or select them with --bands)")
     data_check = resuming.data_check(data)
     if resume_info is not None and resume_info.get("data") != data_check:
         raise EngineError(f"the images or labels of the cancelled run in {resume} have changed (now "
@@ -329,12 +347,17 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
                                       reporter=reporter)
     decoder = default_decoder(method) if cfg.decoder == "auto" else cfg.decoder
     model = build_segmentor(spec, len(data.band_indices), data.chip_size, len(data.classes), decoder,
-                            band_names=data.band_names, method=method)
+                            band_names=data.band_names, method=method, num_frames=cfg.frames,
+                            metadata=metadata is not None)
+    if metadata is not None:
+        model.encoder.set_coords(metadata["temporal"], metadata["location"])
     loaded = load_backbone_weights(model.encoder, spec, weights_path, data.band_names, reporter,
                                    trust=cfg.trust_checkpoint, state=weights_state)
     del weights_state
     if weights_path is not None and cfg.weights in ("hub", "auto"):
         loaded.source = "hub"
+    elif weights_path is not None and cfg.weights.startswith("hf://"):
+        loaded.source, loaded.url = "hub", cfg.weights
     # Fresh band columns of the patch embedding must train and be saved with the model.
     tuning = replace(cfg.tuning, method=method, patch_embed=bool(loaded.fresh_bands),
                      target_modules=cfg.tuning.target_modules or lora_targets(model))
@@ -412,6 +435,8 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None, resume: str
         "decoder": decoder,
         "tuning": tuning.as_dict(),
         "input": {"bands": data.band_indices, "band_names": data.band_names, "num_images": len(cfg.images),
+                  **({"frames": cfg.frames} if cfg.frames > 1 else {}),
+                  **({"metadata": metadata} if metadata is not None else {}),
                   "mean": data.mean, "std": data.std, "dtype": "float32", "source_dtype": data.source_dtype,
                   "nodata": "pixels nodata in any selected band are not predicted"},
         "classes": data.classes,

@@ -24,11 +24,12 @@ BACKBONES = tuple(PATCH_SIZES)
 # The choices `train` accepts, as `engine models` reports them ("auto", the engine's default,
 # first). Dialogs use the engine's lists when it has answered; these are the offline fallback
 # (a test keeps them equal to the engine's).
-TUNING_METHODS = ("auto", "lora", "dora", "vpt", "full", "linear-probe")
+TUNING_METHODS = ("auto", "lora", "dora", "vpt", "vit-adapter", "full", "linear-probe")
 DECODERS = ("auto", "unet", "upernet", "fcn", "linear")
 # How dialogs and Processing show them; a choice a newer engine adds shows under its own name.
 TUNING_LABELS = {"auto": "Automatic (LoRA with pretrained weights, else full)", "lora": "LoRA",
-                 "dora": "DoRA", "vpt": "VPT (visual prompt tuning)", "full": "Full fine-tuning",
+                 "dora": "DoRA", "vpt": "VPT (visual prompt tuning)",
+                 "vit-adapter": "ViT-Adapter (spatial prior around the frozen ViT)", "full": "Full fine-tuning",
                  "linear-probe": "Linear probe (frozen backbone)"}
 DECODER_LABELS = {"auto": "Automatic (linear head for linear probe, else UNet)", "unet": "UNet",
                   "upernet": "UPerNet", "fcn": "FCN", "linear": "Linear head (light)"}
@@ -53,8 +54,11 @@ class TrainConfig:
     classes: list[dict] | None = None  # [{"value", "name", "colour"}], passed as --classes JSON
     ignore_index: int | None = None
     backbone: str = "prithvi_eo_v2_tiny"
-    weights: str = "auto"  # a path, "auto" (download/cache) or "none" (random init)
+    weights: str = "auto"  # a path, hf://OWNER/REPO/FILE, "auto" (download/cache) or "none" (random init)
     tuning: str = "auto"  # auto: LoRA on pretrained weights, full fine-tuning on random ones
+    frames: int = 1  # dates in the stacked rasters (one raster per date, the same bands each)
+    metadata: bool = False  # -TL models: feed the acquisition dates and the scene centre
+    dates: list[str] = field(default_factory=list)  # YYYY-MM-DD per frame; empty: the rasters' tags
     decoder: str = "auto"  # auto: linear head for linear-probe, else UNet
     chip_size: int | None = None  # None: chosen by the engine from the labelled extent
     epochs: int | None = None  # None: the engine's default
@@ -157,6 +161,10 @@ def train_args(c: TrainConfig) -> list[str]:
             args += ["--decoder", c.decoder]
         if c.chip_size:
             args += ["--chip-size", str(c.chip_size)]
+        if c.frames > 1:
+            args += ["--frames", str(c.frames)]
+        if c.metadata:
+            args += ["--metadata"] + (["--date", ",".join(c.dates)] if c.dates else [])
     if c.epochs:
         args += ["--epochs", str(c.epochs)]
     if c.max_time:
@@ -375,14 +383,17 @@ def validate_train(c: TrainConfig, tuning_methods=TUNING_METHODS, decoders=DECOD
         problems.append(f"Labels not found: {c.labels}")
     if c.bands and len(set(c.bands)) != len(c.bands):
         problems.append("Each band can be used only once.")
-    if c.backbone not in BACKBONES:
-        problems.append(f"Unknown foundation model {c.backbone!r}.")
+    if c.backbone not in BACKBONES and not c.backbone.startswith("timm:"):
+        problems.append(f"Unknown foundation model {c.backbone!r} (a timm model is written timm:NAME).")
     if c.tuning not in tuning_methods:
         problems.append(f"Unknown tuning method {c.tuning!r}.")
     if c.decoder not in decoders:
         problems.append(f"Unknown decoder {c.decoder!r}.")
-    if c.weights not in ("auto", "none") and not os.path.isfile(c.weights):
+    if c.weights not in ("auto", "none") and not c.weights.startswith("hf://") and not os.path.isfile(c.weights):
         problems.append(f"Weights file not found: {c.weights}")
+    if c.frames < 1 or (c.images and len(c.images) > 1 and c.frames > 1 and len(c.images) % c.frames):
+        problems.append(f"{c.frames} dates do not divide the {len(c.images)} input rasters: give one raster per "
+                        "date, each with the same bands.")
     patch = PATCH_SIZES.get(c.backbone, 16)
     if c.chip_size is not None and (c.chip_size < patch or c.chip_size % patch):
         problems.append(f"Chip size must be a multiple of {patch} (the patch size of {c.backbone}), "

@@ -189,6 +189,17 @@ class TrainDialog(QDialog):
         self.decoder.setToolTip("The segmentation head. Automatic: a light linear head for a linear "
                                 "probe, a UNet for every other method.")
         mform.addRow("Decoder", self.decoder)
+        self.frames = QSpinBox()
+        self.frames.setRange(1, 64)
+        self.frames.setValue(1)
+        self.frames.setToolTip("How many dates the ticked rasters hold: one raster per date, each with the same "
+                               "bands, in date order. The foundation model then sees a time series.")
+        mform.addRow("Dates (frames)", self.frames)
+        self.metadata = QCheckBox("Give the model the acquisition dates and the scene location")
+        self.metadata.setToolTip("For the -TL foundation models (temporal and location encoders): the dates come "
+                                 "from the rasters' metadata, the location from the scene centre. The paper found "
+                                 "them unnecessary; off by default.")
+        mform.addRow("", self.metadata)
 
         training = QGroupBox("Training")
         tform = QFormLayout(training)
@@ -559,6 +570,8 @@ class TrainDialog(QDialog):
             weights=weights,
             tuning=self.tuning.currentData(),
             decoder=self.decoder.currentData(),
+            frames=self.frames.value(),
+            metadata=self.metadata.isChecked(),
             chip_size=self.chip_size.value() or None,  # 0: automatic
             epochs=self.epochs.value() or None,
             max_time=self.max_time.text().strip() or None,

@@ -45,6 +45,10 @@ class TrainAlgorithm(EngineAlgorithm):
     LEARNING_RATE = "LEARNING_RATE"
     DEVICE = "DEVICE"
     SEED = "SEED"
+    BACKBONE_NAME = "BACKBONE_NAME"
+    FRAMES = "FRAMES"
+    METADATA = "METADATA"
+    DATES = "DATES"
     OUTPUT = "OUTPUT"
     CARD = "CARD"
     BEST_VAL_MIOU = "BEST_VAL_MIOU"
@@ -134,6 +138,18 @@ class TrainAlgorithm(EngineAlgorithm):
             QgsProcessingParameterNumber(
                 self.SEED, self.tr("Random seed"), QgsProcessingParameterNumber.Type.Integer,
                 optional=True, minValue=0),
+            QgsProcessingParameterString(
+                self.BACKBONE_NAME, self.tr("Other foundation model, overriding the list (e.g. "
+                                            "timm:vit_small_patch16_224)"), optional=True, defaultValue=""),
+            QgsProcessingParameterNumber(
+                self.FRAMES, self.tr("Dates in the input rasters (one raster per date, the same bands each)"),
+                QgsProcessingParameterNumber.Type.Integer, defaultValue=1, minValue=1, maxValue=64),
+            QgsProcessingParameterBoolean(
+                self.METADATA, self.tr("Give -TL models the acquisition dates and scene location"),
+                defaultValue=False),
+            QgsProcessingParameterString(
+                self.DATES, self.tr("Acquisition dates, YYYY-MM-DD per date, comma-separated (empty: from "
+                                    "the rasters' metadata)"), optional=True, defaultValue=""),
         ]
         for param in advanced:
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
@@ -171,11 +187,15 @@ class TrainAlgorithm(EngineAlgorithm):
         pretrained = self.parameterAsBoolean(parameters, self.PRETRAINED, context)
         weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
         max_time = self.parameterAsString(parameters, self.MAX_TIME, context).strip() or None
+        other = self.parameterAsString(parameters, self.BACKBONE_NAME, context).strip()
+        dates = [d.strip() for d in self.parameterAsString(parameters, self.DATES, context).split(",") if d.strip()]
         return TrainConfig(
             images=images, bands=bands, band_names=names,
             labels=labels.path, label_field=labels.field, ignore_index=labels.ignore_index,
             classes=classes,
-            backbone=BACKBONES[self.parameterAsEnum(parameters, self.BACKBONE, context)],
+            backbone=other or BACKBONES[self.parameterAsEnum(parameters, self.BACKBONE, context)],
+            frames=self.parameterAsInt(parameters, self.FRAMES, context),
+            metadata=self.parameterAsBoolean(parameters, self.METADATA, context), dates=dates,
             weights=weights if pretrained and weights else ("auto" if pretrained else "none"),
             tuning=TUNING_METHODS[self.parameterAsEnum(parameters, self.TUNING, context)],
             decoder=DECODERS[self.parameterAsEnum(parameters, self.DECODER, context)],
