@@ -104,6 +104,17 @@ def test_tl_encoders_with_and_without_coordinates(checkpoint, frames):
     assert not torch.allclose(both, plain, atol=1e-3) and not torch.allclose(only_place, plain, atol=1e-3)
 
 
+def test_a_four_frame_tl_model_takes_one_frame_with_coordinates():
+    """TerraTorch divides by the pretraining frame count and fails here; the repeat must follow the
+    input's frames."""
+    model = create_backbone("prithvi_eo_v2_100", num_frames=4, img_size=32).eval()
+    assert model.spec.frames == 4 and model.has_metadata
+    with torch.inference_mode():
+        out = model.forward_features(torch.randn(1, 6, 1, 32, 32), torch.tensor([[[2023.0, 200.0]]]),
+                                     torch.tensor([[10.0, 20.0]]))
+    assert out[-1].shape == (1, 1 + 4, 768) and torch.isfinite(out[-1]).all()
+
+
 def test_coordinates_for_a_model_without_tl_encoders_are_refused():
     model = create_backbone("prithvi_eo_v2_300")  # not -TL
     assert not model.has_metadata

@@ -10,8 +10,8 @@ def create_backbone(name: str, weights=None, bands=None, num_frames: int = 1, im
     the names).
 
     ``weights``: None (random), a local checkpoint in its published layout (``.pt``/``.pth`` read
-    with ``weights_only=True``, or ``.safetensors``; ``trust_checkpoint`` to unpickle more), or
-    ``"hub"``. ``bands``: the input's band names in order (default: the pretraining bands);
+    with ``weights_only=True``, or ``.safetensors``; ``trust_checkpoint`` to unpickle more),
+    ``"hf://OWNER/REPO/FILE"`` or ``"hub"``. ``bands``: the input's band names in order (default: the pretraining bands);
     pretrained input channels are matched to them by name, the others start fresh.
     ``num_frames``/``img_size``: the size the positions are precomputed for (any other input size
     or number of frames works; positions are then recomputed).
@@ -21,13 +21,14 @@ def create_backbone(name: str, weights=None, bands=None, num_frames: int = 1, im
     [B, C, T, H, W]; -TL models take ``temporal_coords`` [B, T, 2] (year, day of year) and
     ``location_coords`` [B, 2] (latitude, longitude)."""
     from engine.models.checkpoints import load_backbone_weights, resolve_weights
-    from engine.models.prithvi import PrithviViT
+    from engine.models.families import build_encoder
     from engine.models.registry import get_backbone_spec
     from engine.protocol import Reporter
 
     spec = get_backbone_spec(name)
     bands = list(bands) if bands else list(spec.bands)
-    model = PrithviViT(spec, len(bands), img_size, num_frames, metadata=spec.tl)
+    model = build_encoder(spec, bands * num_frames if spec.family == "prithvi" else bands, img_size, num_frames,
+                          metadata=spec.tl)
     if weights is not None:
         reporter = Reporter("quiet")
         path = resolve_weights(spec, str(weights), reporter)

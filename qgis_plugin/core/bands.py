@@ -24,6 +24,8 @@ class ModelsInfo:
     aliases: dict[str, str] = field(default_factory=dict)
     tuning_methods: tuple[str, ...] = ()
     decoders: tuple[str, ...] = ()
+    patches: dict[str, int] = field(default_factory=dict)  # model → patch size (chip sizes are multiples)
+    methods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model → the tuning methods it supports
 
     @classmethod
     def from_summary(cls, done: dict) -> "ModelsInfo":
@@ -31,7 +33,14 @@ class ModelsInfo:
                           for m in done.get("models") or []},
                    aliases={str(k): str(v) for k, v in (done.get("band_aliases") or {}).items()},
                    tuning_methods=tuple(str(m) for m in done.get("tuning_methods") or ()),
-                   decoders=tuple(str(d) for d in done.get("decoders") or ()))
+                   decoders=tuple(str(d) for d in done.get("decoders") or ()),
+                   patches={m["name"]: int(m["patch"]) for m in done.get("models") or [] if m.get("patch")},
+                   methods={m["name"]: tuple(m["methods"]) for m in done.get("models") or [] if m.get("methods")})
+
+    def methods_for(self, model: str) -> tuple[str, ...]:
+        """The tuning choices for ``model`` ("auto" first); every method when the engine did not say."""
+        own = self.methods.get(model)
+        return ("auto", *own) if own else self.tuning_methods
 
     def canonical(self, name: str) -> str:
         key = (name or "").strip().upper().replace("-", "_")

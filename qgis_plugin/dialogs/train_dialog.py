@@ -166,7 +166,13 @@ class TrainDialog(QDialog):
         mform.addRow("", self.init_note)
         self.backbone = QComboBox()
         self.backbone.addItems(BACKBONES)
+        self.backbone.setEditable(True)  # any timm model as timm:NAME
+        self.backbone.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.backbone.setToolTip("The foundation model (the engine's list), or any timm model written timm:NAME, "
+                                 "e.g. timm:vit_small_patch16_224.")
+        self._models_info = None
         self.backbone.currentTextChanged.connect(lambda name: self.band_table.set_model(name))
+        self.backbone.currentTextChanged.connect(lambda *_: self._offer_methods())
         mform.addRow("Foundation model", self.backbone)
         self.weights = QComboBox()
         for key, text in WEIGHTS_CHOICES:
@@ -391,14 +397,28 @@ class TrainDialog(QDialog):
         self._models_task = None
         self.band_table.set_model(self.backbone.currentText(), info, error)
         if info is not None:  # the engine's own lists; an engine that does not say keeps ours
-            if info.tuning_methods:
-                set_choices(self.tuning, info.tuning_methods, TUNING_LABELS)
+            self._models_info = info
+            if info.bands:
+                current = self.backbone.currentText()
+                self.backbone.blockSignals(True)
+                self.backbone.clear()
+                self.backbone.addItems(list(info.bands))
+                self.backbone.setCurrentText(current)
+                self.backbone.blockSignals(False)
+            self._offer_methods()
             if info.decoders:
                 set_choices(self.decoder, info.decoders, DECODER_LABELS)
 
+    def _offer_methods(self) -> None:
+        """The tuning methods the chosen model supports (all of them until the engine has said)."""
+        info = self._models_info
+        if info is not None and info.tuning_methods:
+            set_choices(self.tuning, info.methods_for(self.backbone.currentText()), TUNING_LABELS)
+
     def _set_chip_step(self, backbone: str) -> None:
         """The arrows step through multiples of the model's patch size."""
-        self.chip_size.setSingleStep(PATCH_SIZES.get(backbone, 16))
+        patches = self._models_info.patches if getattr(self, "_models_info", None) else PATCH_SIZES
+        self.chip_size.setSingleStep(patches.get(backbone, PATCH_SIZES.get(backbone, 16)))
 
     def _suggest_output(self) -> None:
         """A new folder in the models folder, until the analyst picks one."""

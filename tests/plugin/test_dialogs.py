@@ -154,6 +154,31 @@ def test_train_dialog_offers_the_engines_tuning_methods_and_decoders(train_dialo
     assert choices(d.tuning) == ["auto", "lora", "vera"]
 
 
+def test_train_dialog_offers_the_engines_models_and_each_ones_methods(train_dialog, tmp_path):
+    """The model list is the engine's; a CNN offers only the methods it supports; timm:NAME can be
+    typed; dates, frames and metadata reach the command."""
+    from qgis_plugin.core.bands import ModelsInfo
+    from qgis_plugin.dialogs.train_dialog import choices
+    d = train_dialog
+    d.out.setFilePath(str(tmp_path / "model"))
+    info = ModelsInfo(bands={"prithvi_eo_v2_tiny": ["BLUE"], "decur_rn50_s2": ["COASTAL"]},
+                      tuning_methods=("auto", "lora", "dora", "vpt", "vit-adapter", "full", "linear-probe"),
+                      decoders=("auto", "unet"), patches={"prithvi_eo_v2_tiny": 16, "decur_rn50_s2": 32},
+                      methods={"decur_rn50_s2": ("lora", "dora", "full", "linear-probe")})
+    d._models_info_arrived(info, "")
+    assert [d.backbone.itemText(i) for i in range(d.backbone.count())] == ["prithvi_eo_v2_tiny", "decur_rn50_s2"]
+    assert "vit-adapter" in choices(d.tuning)
+    d.backbone.setCurrentText("decur_rn50_s2")
+    assert choices(d.tuning) == ["auto", "lora", "dora", "full", "linear-probe"]
+    assert d.chip_size.singleStep() == 32
+    d.backbone.setCurrentText("timm:vit_small_patch16_224")
+    d.frames.setValue(2)
+    d.metadata.setChecked(True)
+    args = d.command()
+    assert args[args.index("--backbone") + 1] == "timm:vit_small_patch16_224"
+    assert args[args.index("--frames") + 1] == "2" and "--metadata" in args
+
+
 def test_train_dialog_raster_labels_and_categorized_colours(train_dialog, project):
     d = train_dialog
     d.labels.setLayer(project["labels"])
