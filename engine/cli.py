@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tuning", default="auto", help="auto (lora with pretrained weights, full when the backbone "
                    "starts from random weights), lora, dora, vpt (deep visual prompts), vit-adapter, full or linear-probe "
                    "(each backbone's list: 'models')")
+    t.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
+                   help="PEFT methods: keep the frozen blocks' activations instead of recomputing them in the "
+                   "backward pass (faster steps, more memory; see the README's benchmark)")
     t.add_argument("--lora-rank", type=int, default=16)
     t.add_argument("--lora-alpha", type=int, default=16)
     t.add_argument("--prompt-tokens", type=int, default=100, help="vpt: learned prompt tokens per encoder block")
@@ -250,7 +253,7 @@ def cmd_train(a, reporter: Reporter) -> dict:
         batch_size=a.batch_size, lr=a.lr, val_fraction=a.val_fraction, device=a.device,
         precision=a.precision, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,
         seed=a.seed, chips_per_epoch=a.chips_per_epoch, workers=a.workers, trust_checkpoint=a.trust_checkpoint,
-        frames=a.frames, metadata=a.metadata, dates=_split(a.date),
+        frames=a.frames, metadata=a.metadata, dates=_split(a.date), activation_checkpointing=a.activation_checkpointing,
         init_from=a.init_from, preview_dir=a.preview_dir, preview_every=a.preview_every,
         preview_extent=a.preview_extent, preview_request=a.preview_request)
     if a.init_from and not a.resume:  # options contradicting the parent are refused, naming them

@@ -24,6 +24,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from engine.models.blocks import checkpoint_block, run_block
 from engine.models.registry import BackboneSpec
 from engine.protocol import EngineError
 
@@ -110,7 +111,36 @@ class SplitQKV(nn.Module):
         return fused.to(self.q.weight.device, self.q.weight.dtype)
 
 
-class PrithviViT(nn.Module):
+class DeepPrompts:
+    """Deep visual prompt tuning (VPT, Jia et al. 2022) for a ViT encoder with ``blocks``,
+    ``embed_dim``, ``patch_size`` and ``prompts`` (None until ``add_prompts``); shared by the
+    Prithvi, Clay and timm ViTs. A block loop runs block ``i`` on ``insert_prompts(i, tokens, prefix)``
+    and passes its output through ``remove_prompts(out, prefix)``."""
+
+    def add_prompts(self, tokens: int, dropout: float = 0.1) -> None:
+        """Deep visual prompts: ``tokens`` learned tokens per block, inserted after CLS before
+        the block and dropped after it, so the outputs keep their layout. Initialised uniform in
+        ±sqrt(6 / (3·p² + D)), as in the VPT paper (Xavier over the patch's inputs)."""
+        if tokens < 1:
+            raise EngineError(f"VPT needs at least one prompt token, not {tokens}")
+        bound = (6.0 / (3 * self.patch_size ** 2 + self.embed_dim)) ** 0.5
+        device = next(self.blocks.parameters()).device
+        self.prompts = nn.Parameter(torch.empty(len(self.blocks), tokens, self.embed_dim, device=device)
+                                    .uniform_(-bound, bound))
+        self.prompt_dropout = nn.Dropout(dropout)
+
+    def insert_prompts(self, i: int, tokens: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+        """[B, prefix + N, D] → [B, prefix + n + N, D]: block ``i``'s n prompts after the prefix
+        tokens (CLS, registers)."""
+        prompts = self.prompt_dropout(self.prompts[i]).unsqueeze(0).expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        return torch.cat([tokens[:, :prefix], prompts, tokens[:, prefix:]], dim=1)
+
+    def remove_prompts(self, tokens: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+        """The block's output without its prompts: the layout the block was given."""
+        return torch.cat([tokens[:, :prefix], tokens[:, prefix + self.prompts.shape[1]:]], dim=1)
+
+
+class PrithviViT(DeepPrompts, nn.Module):
     """Encoder returning the outputs of ``spec.feature_layers`` as images [B, t*D, H/p, W/p]
     (``forward``), or every block's tokens (``forward_features``). ``metadata``: build the
     temporal and location encoders (TL variants only). ``in_chans`` are the bands of one frame;
@@ -168,16 +198,6 @@ class PrithviViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def add_prompts(self, tokens: int, dropout: float = 0.1) -> None:
-        """Deep visual prompts: ``tokens`` learned tokens per block, inserted after CLS before
-        the block and dropped after it, so the outputs keep their layout. Initialised uniform in
-        ±sqrt(6 / (3·p² + D)), as in the VPT paper (Xavier over the patch's inputs)."""
-        if tokens < 1:
-            raise EngineError(f"VPT needs at least one prompt token, not {tokens}")
-        bound = (6.0 / (3 * self.patch_size ** 2 + self.embed_dim)) ** 0.5
-        self.prompts = nn.Parameter(torch.empty(len(self.blocks), tokens, self.embed_dim).uniform_(-bound, bound))
-        self.prompt_dropout = nn.Dropout(dropout)
-
     @property
     def has_metadata(self) -> bool:
         return hasattr(self, "temporal_embed_enc")
@@ -234,13 +254,12 @@ class PrithviViT(nn.Module):
         out = {}
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
+            # frozen blocks (PEFT) in training: activation checkpointing, the same values (engine.models.blocks)
+            checkpoint = checkpoint_block(block)
             if self.prompts is None:
-                tokens = block(tokens)
+                tokens = run_block(block, tokens, checkpoint)
             else:  # deep VPT: this block's prompts after CLS, removed from its output
-                n = self.prompts.shape[1]
-                prompts = self.prompt_dropout(self.prompts[i]).unsqueeze(0).expand(b, -1, -1).to(tokens.dtype)
-                tokens = block(torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1))
-                tokens = torch.cat([tokens[:, :1], tokens[:, 1 + n:]], dim=1)
+                tokens = self.remove_prompts(run_block(block, self.insert_prompts(i, tokens), checkpoint))
             if keep is None or i in keep:
                 out[i] = self.norm(tokens) if i == last else tokens
                 if as_image:  # drop CLS; [B, (t h w), D] → [B, (t D), h, w]; D a number, not -1: an exported

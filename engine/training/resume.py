@@ -44,10 +44,11 @@ OPTION_FIELDS = {
     "chips_per_epoch": "chips_per_epoch", "device": "device", "precision": "precision",
     "devices": "devices", "num_nodes": "num_nodes", "strategy": "strategy", "workers": "workers",
     "seed": "seed", "init_from": "init_from", "preview_dir": "preview_dir", "preview_every": "preview_every",
-    "preview_extent": "preview_extent", "preview_request": "preview_request",
+    "preview_extent": "preview_extent", "preview_request": "preview_request", "frames": "frames",
+    "metadata": "metadata", "date": "dates", "no_activation_checkpointing": "activation_checkpointing",
 }
 # May differ on resume: where the run computes, not what it computes.
-MAY_CHANGE = {"device", "workers"}
+MAY_CHANGE = {"device", "workers", "no_activation_checkpointing"}
 # Not kept for a resumed run (it previews only when asked again): the caller's temporary files.
 PREVIEW_OPTIONS = {"preview_dir": None, "preview_every": 5, "preview_extent": None, "preview_request": None}
 MAY_CHANGE |= set(PREVIEW_OPTIONS)

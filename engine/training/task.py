@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from engine.metrics import scores
 from engine.protocol import Reporter
+from engine.training.memory import fp32_state
 from engine.training.resume import CANCEL_AT_ENV, rng_state, set_rng_state
 from engine.tuning import trainable_keys, trainable_state_dict
 
@@ -49,6 +50,7 @@ class SegmentationTask(L.LightningModule):
         if self.checkpoint_keys is not None:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k in self.checkpoint_keys}
+        checkpoint["state_dict"] = fp32_state(checkpoint["state_dict"])  # frozen weights held in bf16 (memory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -204,7 +206,7 @@ class KeepBest(L.Callback):
     def _keep(self, trainer, pl_module, score, val, epoch: int | None = None):
         self.best_score = score
         self.best_epoch = trainer.current_epoch + 1 if epoch is None else epoch
-        self.best_state = trainable_state_dict(pl_module.model, self.include_frozen)
+        self.best_state = fp32_state(trainable_state_dict(pl_module.model, self.include_frozen))
         self.best_val = val
 
     def on_validation_end(self, trainer, pl_module):  # after the module's epoch-end hook

@@ -107,8 +107,12 @@ def inherit(cfg, parent: Parent, given: set[str]):
         named = {int(c["value"]): c for c in cfg.classes}
         classes = [{**c, **{k: v for k, v in named.get(c["value"], {}).items() if k in ("name", "colour")}}
                    for c in classes]
+    # the parent's frames and metadata (a continued model sees the same dates and place: its own)
+    frames, metadata = card["input"].get("frames", 1), card["input"].get("metadata")
     return replace(cfg, backbone=theirs["backbone"], weights=theirs["weights"], decoder=theirs["decoder"],
                    bands=theirs["bands"], band_names=theirs["band_names"], chip_size=theirs["chip_size"],
+                   frames=frames, metadata=metadata is not None,
+                   dates=metadata["dates"] if metadata else cfg.dates,
                    classes=classes, tuning=replace(cfg.tuning, method=tuning["method"], rank=theirs["lora_rank"],
                                                    alpha=theirs["lora_alpha"],
                                                    dropout=tuning.get("dropout", cfg.tuning.dropout),
