@@ -227,8 +227,10 @@ def describe_checkpoint(state: dict[str, torch.Tensor]) -> str:
                 and s.patch_size == patch.shape[-1]]
         if fits:
             text += f" (as {' / '.join(fits)})"
-    elif any(k.startswith(("layer1.", "conv1.")) for k in keys):
-        text += "; a ResNet-style CNN, not a Prithvi encoder"
+    elif "conv1.weight" in state and any(k.startswith("layer1.") for k in keys):
+        text += f"; a ResNet-style CNN with {state['conv1.weight'].shape[1]} input bands"
+    elif any(k.startswith("transformer.layers.") for k in keys):
+        text += "; a Clay encoder"
     return text
 
 

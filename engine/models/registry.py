@@ -83,6 +83,56 @@ register(BackboneSpec("prithvi_eo_v1_100", "prithvi", 768, 12, 12, 16, (2, 5, 8,
                       hub_repo="ibm-nasa-geospatial/Prithvi-EO-1.0-100M",
                       hub_file="Prithvi_EO_V1_100M.pt", frames=3))
 
+# Clay (Clay foundation; github.com/Clay-foundation/model): wavelength-conditioned patch embedding
+# (any bands with a known centre wavelength), patch 8, positions scaled by the GSD (option "gsd":
+# Sentinel-2's 10 m, as in pretraining). Published as Lightning checkpoints (encoder under
+# `model.encoder.`, plus MAE decoder and teacher, dropped on load): pickles with training
+# state, so loading one may need --trust-checkpoint. Pretraining statistics of Sentinel-2 L2A
+# (raw digital numbers) from the authors' configs/metadata.yaml. Weights Apache-2.0 since
+# 2025-05 (OpenRAIL-M before).
+CLAY_S2_BANDS = ("BLUE", "GREEN", "RED", "REDEDGE_1", "REDEDGE_2", "REDEDGE_3", "NIR_BROAD", "NIR_NARROW",
+                 "SWIR_1", "SWIR_2")
+CLAY_S2_MEAN = (1105.0, 1355.0, 1552.0, 1887.0, 2422.0, 2630.0, 2743.0, 2785.0, 2388.0, 1835.0)
+CLAY_S2_STD = (1809.0, 1757.0, 1888.0, 1870.0, 1732.0, 1697.0, 1742.0, 1648.0, 1470.0, 1379.0)
+register(BackboneSpec("clay_v1", "clay", 768, 12, 12, 8, (2, 5, 8, 11),
+                      bands=CLAY_S2_BANDS, mean=CLAY_S2_MEAN, std=CLAY_S2_STD,
+                      hub_repo="made-with-clay/Clay", hub_file="v1/clay-v1-base.ckpt", weights_licence="Apache-2.0",
+                      params_m=92.1, options=(("gsd", 10.0),)))
+register(BackboneSpec("clay_v1_5", "clay", 1024, 24, 16, 8, (5, 11, 17, 23),
+                      bands=CLAY_S2_BANDS, mean=CLAY_S2_MEAN, std=CLAY_S2_STD,
+                      hub_repo="made-with-clay/Clay", hub_file="v1.5/clay-v1.5.ckpt", weights_licence="Apache-2.0",
+                      params_m=311.4, options=(("gsd", 10.0),)))
+
+
+# SSL4EO-S12 / DeCUR ResNet-50 (Wang et al., DeCUR, ECCV 2024; github.com/zhu-xlab/DeCUR): the
+# torchvision/timm resnet50 layout with a 13-band Sentinel-2 L1C or a 2-band Sentinel-1 stem; the
+# backbone-only files are plain state dicts without ``fc`` (the joint SAR-MS file holds both under
+# ``module.backbone_1.`` / ``module.backbone_2.``; engine.models.resnet picks the one that fits).
+# Features: layer1…layer4 (strides 4, 8, 16, 32); ``depth`` counts timm's feature levels (0 the
+# stem, 1-4 the stages) so ``feature_layers`` are the last four; ``patch_size`` is the chip multiple.
+# mean/std: the pretraining band statistics (the SSL4EO-S12 50k subset), kept for reference: the
+# pretraining scaled each band with them to [0, 1] ((x - (mean - 2 std)) / (4 std), clipped), TorchGeo
+# divides S2 by 10000 instead, and GeoPEFT standardises every input band with statistics of the
+# user's own training data (engine.data.chips.band_statistics), as for every backbone.
+# Licence: the DeCUR code repository is MIT; TorchGeo's weight tables list these weights as Apache-2.0.
+S2_L1C_BANDS = ("COASTAL", "BLUE", "GREEN", "RED", "REDEDGE_1", "REDEDGE_2", "REDEDGE_3", "NIR_BROAD",
+                "NIR_NARROW", "WATER_VAPOUR", "CIRRUS", "SWIR_1", "SWIR_2")  # B1 … B8, B8A, B9, B10, B11, B12
+SSL4EO_S2_MEAN = (1605.575, 1390.782, 1314.873, 1363.524, 1549.444, 2091.749, 2371.717, 2299.905, 2560.295,
+                  830.066, 22.104, 2177.072, 1524.065)
+SSL4EO_S2_STD = (786.787, 850.348, 875.065, 1138.850, 1122.178, 1161.592, 1274.392, 1248.429, 1345.527,
+                 577.316, 51.154, 1336.099, 1136.538)
+S1_BANDS = ("VV", "VH")
+SSL4EO_S1_MEAN = (-12.548, -20.192)  # dB
+SSL4EO_S1_STD = (5.257, 5.912)
+register(BackboneSpec("decur_rn50_s2", "resnet", 2048, 5, 1, 32, (1, 2, 3, 4),
+                      bands=S2_L1C_BANDS, mean=SSL4EO_S2_MEAN, std=SSL4EO_S2_STD,
+                      hub_repo="wangyi111/DeCUR", hub_file="rn50_ssl4eo-s12_ms_decur_ep100.pth",
+                      weights_licence="Apache-2.0", params_m=23.5, options=(("model", "resnet50"),)))
+register(BackboneSpec("decur_rn50_s1", "resnet", 2048, 5, 1, 32, (1, 2, 3, 4),
+                      bands=S1_BANDS, mean=SSL4EO_S1_MEAN, std=SSL4EO_S1_STD,
+                      hub_repo="wangyi111/DeCUR", hub_file="rn50_ssl4eo-s12_sar_decur_ep100.pth",
+                      weights_licence="Apache-2.0", params_m=23.5, options=(("model", "resnet50"),)))
+
 
 def get_backbone_spec(name: str) -> BackboneSpec:
     """A registered backbone, or any timm model as ``timm:NAME``."""
@@ -117,6 +167,7 @@ BAND_ALIASES = {
     "B10": "CIRRUS", "CIRRUS": "CIRRUS",
     "B11": "SWIR_1", "SWIR_1": "SWIR_1", "SWIR1": "SWIR_1", "SWIR16": "SWIR_1",
     "B12": "SWIR_2", "SWIR_2": "SWIR_2", "SWIR2": "SWIR_2", "SWIR22": "SWIR_2",
+    "VV": "VV", "VH": "VH",  # Sentinel-1 polarisations (no wavelength: matched by name only)
 }
 
 

@@ -18,7 +18,7 @@ from .protocol import parse_duration as _parse_duration
 PATCH_SIZES = {
     "prithvi_eo_v2_tiny": 16, "prithvi_eo_v2_100": 16, "prithvi_eo_v2_300": 16,
     "prithvi_eo_v2_300_tl": 16, "prithvi_eo_v2_600": 14, "prithvi_eo_v2_600_tl": 14,
-    "prithvi_eo_v1_100": 16,
+    "prithvi_eo_v1_100": 16, "clay_v1": 8, "clay_v1_5": 8, "decur_rn50_s2": 32, "decur_rn50_s1": 32,
 }
 BACKBONES = tuple(PATCH_SIZES)
 # The choices `train` accepts, as `engine models` reports them ("auto", the engine's default,
