@@ -150,7 +150,7 @@ def test_registry_specs_are_consistent(name):
 
 
 @pytest.mark.parametrize("decoder", ["unet", "upernet", "fcn", "linear"])
-@pytest.mark.parametrize("method", ["lora", "dora", "vpt", "linear-probe", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vpt", "vit-adapter", "linear-probe", "full"])
 def test_every_method_and_decoder_trains_a_step_and_exports(tmp_path, method, decoder):
     """Each tuning method × decoder: logits at the input's size, a step changes what trains and
     only that, and the merged model exports to ONNX with the PyTorch outputs."""
@@ -158,7 +158,7 @@ def test_every_method_and_decoder_trains_a_step_and_exports(tmp_path, method, de
 
     from engine.models.segmentor import Probabilities
 
-    model = apply_tuning(build_segmentor("prithvi_eo_v2_tiny", 6, 32, 3, decoder), TuningConfig(method))
+    model = apply_tuning(build_segmentor("prithvi_eo_v2_tiny", 6, 32, 3, decoder, method=method), TuningConfig(method))
     model.train()
     x = torch.randn(2, 6, 32, 32)
     logits = model(x)
@@ -183,19 +183,43 @@ def test_every_method_and_decoder_trains_a_step_and_exports(tmp_path, method, de
 
 
 @pytest.mark.parametrize("name", ["prithvi_eo_v2_100", "prithvi_eo_v2_300"])
-@pytest.mark.parametrize("method", ["lora", "dora", "vpt", "linear-probe"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vpt", "vit-adapter", "linear-probe"])
 def test_trainable_encoder_parameters_follow_closed_formulas(name, method):
     """Trainable encoder parameters of ViT-B- (100M) and 300M-shaped backbones: LoRA
     r(d_in + d_out) on q, v (D -> D) and fc1, fc2 (D <-> 4D) of every block; DoRA adds a magnitude
-    per output (D, D, 4D, D); VPT depth x tokens x D; a linear probe none."""
+    per output (D, D, 4D, D); VPT depth x tokens x D; a linear probe none; the ViT-Adapter its
+    modules (see ``vit_adapter`` below; independent of depth and heads)."""
     spec = get_backbone_spec(name)
-    model = apply_tuning(build_segmentor(spec, 6, 32, 2), TuningConfig(method))
+    if method == "vit-adapter":  # the adapter is built with the model; on meta: only shapes count
+        with torch.device("meta"):
+            model = apply_tuning(build_segmentor(spec, 6, 32, 2, method=method), TuningConfig(method))
+    else:
+        model = apply_tuning(build_segmentor(spec, 6, 32, 2), TuningConfig(method))
     d, depth, r = spec.embed_dim, spec.depth, 16
     lora = depth * r * (2 * (d + d) + 2 * (d + 4 * d))
     expected = {"lora": lora, "dora": lora + depth * (d + d + 4 * d + d), "vpt": depth * 100 * d,
-                "linear-probe": 0}[method]
+                "vit-adapter": vit_adapter(d, bands=6), "linear-probe": 0}[method]
     trainable = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     assert trainable == expected
+
+
+def vit_adapter(d: int, bands: int, w: int = 64) -> int:
+    """The ViT-Adapter's parameters for width D, from its architecture (engine.tuning.vit_adapter):
+    attention width a = D/2, ConvFFN hidden f = D/4, spatial prior widths w, 2w, 4w, 4w."""
+    a, f = d // 2, d // 4
+    spatial_prior = (9 * bands * w + 9 * w * w + 9 * w * w  # stem: three 3x3 convolutions (no bias)
+                     + 9 * w * 2 * w + 9 * 2 * w * 4 * w + 9 * 4 * w * 4 * w  # 1/8, 1/16, 1/32: 3x3 stride 2
+                     + 2 * (3 * w + 2 * w + 4 * w + 4 * w)  # their six BatchNorms (weight, bias)
+                     + (w + 2 * w + 4 * w + 4 * w) * d + 4 * d)  # 1x1 projections to D (with bias)
+    level_embed = 3 * d
+    attention = 3 * (d * a + a) + a * d + d  # q, k, v: D -> a; out: a -> D
+    conv_ffn = d * f + f + 9 * f + f + f * d + d  # Linear, 3x3 depthwise (with bias), Linear
+    injector = 2 * 2 * d + attention + d  # query and feature LayerNorms, attention, gamma
+    extractor = 3 * 2 * d + attention + conv_ffn  # query, feature and FFN LayerNorms
+    interactions = 4 * injector + (4 + 2) * extractor  # four interactions, the last with two extra extractors
+    up = 2 * 2 * d * d + d  # 2x2 stride-2 transposed convolution 1/8 -> 1/4
+    output_norms = 4 * 2 * d  # BatchNorm of each level
+    return spatial_prior + level_embed + interactions + up + output_norms
 
 
 def test_vpt_prompts_change_the_features_and_leave_their_layout():
