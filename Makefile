@@ -7,7 +7,7 @@ SYSPY ?= /usr/bin/python3
 export QT_QPA_PLATFORM ?= offscreen
 APT_PKGS := qgis python3-qgis python3-venv
 
-.PHONY: install apt venv demo test test-all check-setup bench bench-loop plugin qgis screenshots clean
+.PHONY: install apt venv demo test test-all check-setup bench bench-loop bench-matrix plugin qgis screenshots clean
 
 install: apt $(VENV)/.install-stamp
 
@@ -54,6 +54,13 @@ bench: install
 # The analyst's loop on the demo scene: held-out mIoU after each labelling round (about 10 minutes).
 bench-loop: install
 	$(PY) bench/analyst_loop.py --out bench_loop --budget 90s --rounds 3 --scratch
+
+# The PEFT matrix (backbones × tuning methods: trainable parameters, peak memory, step time, mIoU
+# after 120 s of training on the real Sen1Floods11 chip), TerraTorch's LoRA side by side (about
+# 90 minutes on 2 cores); `make bench-matrix MATRIX_ARGS=--quick` is a smoke test (a few minutes).
+MATRIX_ARGS ?=
+bench-matrix: install
+	$(PY) bench/peft_matrix.py $(if $(TERRATORCH),--terratorch $(TERRATORCH)) $(MATRIX_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo bench_loop

@@ -43,31 +43,56 @@ def peak_rss_mib() -> float:
 
 
 # ---------------------------------------------------------------- measurements (child processes)
-def bench_train(method: str, backbone: str, steps: int, precision: str) -> dict:
+def bench_train(method: str, backbone: str, steps: int, precision: str, band_names: list[str] | None = None,
+                chip: int = 224, batch: int = 4, levers: bool = True, device: str = "cpu") -> dict:
+    """Training steps on random chips (``batch`` × ``chip``², the decoder ``train`` pairs with the
+    method: UNet, the linear head for linear-probe; AdamW, 2 classes): the median
+    step time of steps 3+, peak memory (this process's RSS; on a GPU the most it allocated) and the
+    parameter counts. ``band_names``: the input bands (default: the backbone's pretraining bands).
+    ``levers``: training's memory levers, as ``train`` uses them (activation checkpointing of
+    frozen blocks, frozen block weights in bf16 under bf16 autocast); off: as before them."""
     import torch
 
     import engine.models  # noqa: F401
+    from engine.models import blocks
+    from engine.models.decoders import default_decoder
+    from engine.models.registry import get_backbone_spec
     from engine.models.segmentor import build_segmentor
+    from engine.training.memory import frozen_weights_in_bf16, use_bf16_weights
+    from engine.training.train import resolve_accelerator
     from engine.tuning import TuningConfig, apply_tuning, count_parameters
 
+    accelerator, precision = resolve_accelerator(device, precision)
+    dev = torch.device("cuda" if accelerator == "gpu" else "cpu")
+    spec = get_backbone_spec(backbone)
+    bands = list(band_names) if band_names else list(spec.bands)
     torch.manual_seed(0)
-    model = apply_tuning(build_segmentor(backbone, 6, 224, 2), TuningConfig(method))
+    model = build_segmentor(spec, len(bands), chip, 2, decoder=default_decoder(method), band_names=bands, method=method)
+    model = apply_tuning(model, TuningConfig(method)).to(dev).train()
     counts = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x, y = torch.randn(4, 6, 224, 224), torch.randint(0, 2, (4, 224, 224))
+    x = torch.randn(batch, len(bands), chip, chip, device=dev)
+    y = torch.randint(0, 2, (batch, chip, chip), device=dev)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    steady = sorted(times[2:])  # steps 3+
-    return {"s_per_step": steady[len(steady) // 2], "peak_rss_mib": peak_rss_mib(),
-            "trainable": counts["trainable"], "adapter": counts["adapter"]}
+    with blocks.checkpointing(levers), \
+            frozen_weights_in_bf16(model, levers and use_bf16_weights(precision, accelerator)):
+        for _ in range(steps):
+            t = time.perf_counter()
+            with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    steady = sorted(times[2:] or times)  # steps 3+
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else peak_rss_mib()
+    return {"s_per_step": steady[len(steady) // 2], "peak_rss_mib": peak, "peak_kind": "cuda" if
+            dev.type == "cuda" else "rss", "trainable": counts["trainable"], "adapter": counts["adapter"],
+            "total": counts["total"], "precision": precision}
 
 
 def bench_reference() -> dict:
@@ -187,9 +212,10 @@ def bench_tiles(model: str, onnx: str, chip: int, batch: int, repeats: int, onnx
     return out
 
 
-def child(kind: str, kwargs: dict) -> dict:
-    """Run one measurement in a fresh interpreter; returns its JSON result."""
-    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from bench.run import {kind}; "
+def child(kind: str, kwargs: dict, module: str = "bench.run") -> dict:
+    """Run one measurement, the function ``kind`` of ``module``, in a fresh interpreter; returns
+    its JSON result."""
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from {module} import {kind}; "
             f"print('RESULT' + json.dumps({kind}(**json.loads(sys.argv[1]))))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
@@ -274,7 +300,7 @@ def main() -> None:
         r = child("bench_train", {"method": "lora", "backbone": args.backbone, "steps": steps,
                                   "precision": "bf16-mixed"})
         rows.append(("train lora (bf16 autocast)", f"{r['s_per_step']:.2f} s/step, {r['peak_rss_mib']:.0f} MiB",
-                     "patch embedding kept fp32", "—"))
+                     "patch embedding kept fp32; frozen blocks checkpointed, their Linear weights bf16", "—"))
         print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

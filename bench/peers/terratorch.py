@@ -7,7 +7,8 @@ torch/numpy pins (``constraints.txt``). ``tiled(DIR, size)`` runs TerraTorch's
 ``tiled_inference`` over a random raster of ``size``² in that venv, with the benchmark's model
 (Prithvi-EO-2.0-100M, LoRA r 16 on q/v/fc1/fc2, UNet decoder, 224² crops, stride 192,
 batch 16, fp32; TerraTorch registers the 100M model only as its TL variant, the same network
-when no coordinates are given) and returns its wall time and peak RSS.
+when no coordinates are given) and returns its wall time and peak RSS. ``train(DIR, method, steps)``
+times training steps of that model (batch 4, 224², fp32) and returns its peak RSS.
 """
 from __future__ import annotations
 
@@ -76,6 +77,40 @@ print("RESULT" + json.dumps({"seconds": seconds, "tiles": tiles, "shape": list(y
       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
 
+TRAIN = '''
+import json, sys, time
+import torch
+method, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+from terratorch.models import EncoderDecoderFactory
+peft = {"method": "LORA", "replace_qkv": "qkv", "peft_config_kwargs": {
+    "r": 16, "lora_alpha": 16, "target_modules": ["qkv.q_linear", "qkv.v_linear", "mlp.fc1", "mlp.fc2"]}}
+model = EncoderDecoderFactory().build_model(
+    task="segmentation", backbone="prithvi_eo_v2_100_tl", backbone_pretrained=False,
+    backbone_bands=["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"], backbone_num_frames=1,
+    necks=[{"name": "SelectIndices", "indices": [2, 5, 8, 11]}, {"name": "ReshapeTokensToImage"},
+           {"name": "LearnedInterpolateToPyramidal"}],
+    decoder="UNetDecoder", decoder_channels=[512, 256, 128, 64], num_classes=2,
+    peft_config=peft if method == "lora" else None,
+).train()
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-4)
+x, y = torch.randn(4, 6, 224, 224), torch.randint(0, 2, (4, 224, 224))
+times = []
+for _ in range(steps):
+    t = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(model(x).output, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    times.append(time.perf_counter() - t)
+steady = sorted(times[2:])
+peak = [int(ln.split()[1]) / 1024 for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
+print("RESULT" + json.dumps({"s_per_step": steady[len(steady) // 2], "times": times, "peak_rss_mib": peak,
+      "trainable": sum(p.numel() for p in params)}))
+'''
+
 
 def ensure_venv(folder: str | Path) -> Path:
     """The venv's python, making the venv first when it is missing (a few minutes)."""
@@ -106,4 +141,16 @@ def tiled(python: str | Path, size: int, threads: int) -> dict:
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     if proc.returncode != 0 or not line:
         raise RuntimeError(f"TerraTorch tiled_inference failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[0][len("RESULT"):])
+
+
+def train(python: str | Path, method: str, steps: int, threads: int) -> dict:
+    """TerraTorch's model (as ``tiled``, 2 classes) trained ``steps`` steps in fp32 on random 224² chips,
+    batch 4, AdamW over what trains (``method`` lora: its LoRA on q/v/fc1/fc2, r = α = 16; full: everything),
+    in a fresh process: the median step time of steps 3+, peak RSS (VmHWM), trainable parameters."""
+    proc = subprocess.run([str(python), "-c", TRAIN, method, str(steps), str(threads)], capture_output=True,
+                          text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"TerraTorch training failed:\n{proc.stderr[-3000:]}")
     return json.loads(line[0][len("RESULT"):])
