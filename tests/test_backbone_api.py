@@ -139,3 +139,15 @@ def test_bands_by_name_and_unknown_names():
     assert model.patch_embed.proj.weight.shape[1] == 4
     with pytest.raises(EngineError, match="unknown backbone"):
         create_backbone("no_such_model")
+
+
+@pytest.mark.parametrize("name,bands,size,blocks", [("clay_v1", ["B02", "B03", "B04", "705nm"], 32, 12),
+                                                     ("decur_rn50_s2", None, 64, 4),
+                                                     ("timm:vit_tiny_patch16_224", None, 32, 12)])
+def test_create_backbone_builds_every_family(name, bands, size, blocks):
+    """One API for every family: transformers give every block's tokens, a CNN its four stages."""
+    model = create_backbone(name, bands=bands, img_size=size).eval()
+    channels = len(bands) if bands else len(model.spec.bands) if hasattr(model, "spec") else 3
+    with torch.inference_mode():
+        out = model.forward_features(torch.randn(1, channels, size, size))
+    assert len(out) == blocks and all(torch.isfinite(o).all() for o in out)

@@ -227,8 +227,9 @@ def describe_checkpoint(state: dict[str, torch.Tensor]) -> str:
                 and s.patch_size == patch.shape[-1]]
         if fits:
             text += f" (as {' / '.join(fits)})"
-    elif "conv1.weight" in state and any(k.startswith("layer1.") for k in keys):
-        text += f"; a ResNet-style CNN with {state['conv1.weight'].shape[1]} input bands"
+    elif any(k.startswith("layer1.") for k in keys) and any(k.startswith("conv1.") for k in keys):
+        stem = next(v for k, v in state.items() if k.startswith("conv1.") and v.ndim == 4)
+        text += f"; a ResNet-style CNN with {stem.shape[1]} input bands (DeCUR ResNet-50s: --backbone decur_rn50_s2/s1)"
     elif any(k.startswith("transformer.layers.") for k in keys):
         text += "; a Clay encoder"
     return text

@@ -93,6 +93,10 @@ class CNNEncoder(nn.Module):
             keep_fp32(self.get_submodule(first_layer_key.rsplit(".", 1)[0]))
         self.lora_targets = lora_targets_of(self)
 
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stages' feature maps (a CNN has no tokens): what ``forward`` returns."""
+        return self.forward(x)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
         for name, module in self.named_children():
