@@ -275,7 +275,7 @@ def table(results: dict, args) -> str:
         lines.append(f"| {REFERENCE} | lora, memory levers off | random | {fmt_params(off['trainable'])} | "
                      f"{off['peak_rss_mib']:.0f} | {off['s_per_step']:.2f} | | |")
     if tt:
-        lines.append(f"| TerraTorch 1.2.13 prithvi_eo_v2_100_tl | lora (fp32) | random | " +
+        lines.append("| TerraTorch 1.2.13 prithvi_eo_v2_100_tl | lora (fp32) | random | " +
                      (note(tt["error"]) + " | | |" if "error" in tt else
                       f"{fmt_params(tt['trainable'])} | {tt['peak_rss_mib']:.0f} | {tt['s_per_step']:.2f} |") + " | |")
     ours = {c["method"]: c["step"] for c in results["cells"]

@@ -107,3 +107,39 @@ def make_prithvi_checkpoint(path: Path, backbone: str = "prithvi_eo_v2_tiny", la
 @pytest.fixture(scope="session")
 def prithvi_checkpoint(tmp_path_factory) -> Path:
     return make_prithvi_checkpoint(tmp_path_factory.mktemp("weights") / "Prithvi_EO_V2_tiny_TL.pt")
+
+
+def step_and_export(model, tmp_path: Path, chans: int, chip: int = 32, classes: int = 3) -> tuple[set, set, Path]:
+    """A training step on ``model`` (a tuned Segmentor) changes what trains and only that, the
+    decoder among it; the merged model exports to ONNX (dynamic batch, opset 17, as engine.export
+    does) with the PyTorch outputs. Returns (changed, trainable parameter names, the ONNX path)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from engine.models.segmentor import Probabilities
+    from engine.tuning import merge
+
+    model.train()
+    x = torch.randn(2, chans, chip, chip)
+    logits = model(x)
+    assert logits.shape == (2, classes, chip, chip)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, classes, (2, chip, chip))).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+    assert any(n.startswith("decoder.") for n in changed)
+    model.eval()
+    merged = Probabilities(merge(model)).eval()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.inference_mode():
+        expected = merged(x).numpy()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(merged, (x[:1],), str(path), input_names=["x"], output_names=["p"], opset_version=17,
+                      dynamo=False, dynamic_axes={"x": {0: "batch"}, "p": {0: "batch"}})
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - expected).max() < 1e-4
+    return changed, trainable, path

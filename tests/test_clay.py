@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +14,10 @@ import engine.models  # noqa: F401 - torchvision fix before timm
 from engine.models.checkpoints import load_backbone_weights
 from engine.models.clay import WaveEncoder
 from engine.models.registry import get_backbone_spec
-from engine.models.segmentor import Probabilities, build_segmentor
+from engine.models.segmentor import build_segmentor
 from engine.protocol import EngineError, Reporter
 from engine.tuning import TuningConfig, apply_tuning, merge
+from tests.conftest import step_and_export as shared_step_and_export
 
 S2 = ["BLUE", "GREEN", "RED", "REDEDGE_1", "REDEDGE_2", "REDEDGE_3", "NIR_BROAD", "NIR_NARROW", "SWIR_1", "SWIR_2"]
 S2_WAVES = [0.493, 0.56, 0.665, 0.704, 0.74, 0.783, 0.842, 0.865, 1.61, 2.19]
@@ -277,36 +277,14 @@ def test_bf16_autocast_keeps_the_patch_embedding_fp32_and_features_close(publish
 
 
 def step_and_export(model, tmp_path, chans: int, chip: int = 32, classes: int = 3) -> None:
-    """A training step changes what trains and only that (the decoder among it); the merged model
-    exports to ONNX (dynamic batch, opset 17, as engine.export does) with the PyTorch outputs."""
+    """tests.conftest.step_and_export, and the kernel generator trains exactly when the backbone
+    does (else its kernel is cached), and the exported graph holds the generated kernel as a
+    constant, not the generator's weights."""
     import onnx
-    import onnxruntime as ort
 
-    model.train()
-    x = torch.randn(2, chans, chip, chip)
-    logits = model(x)
-    assert logits.shape == (2, classes, chip, chip)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    F.cross_entropy(logits, torch.randint(0, classes, (2, chip, chip))).backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert changed and changed <= trainable
-    assert any(n.startswith("decoder.") for n in changed)
-    # the kernel generator trains exactly when the backbone does (else its kernel is cached)
+    changed, trainable, path = shared_step_and_export(model, tmp_path, chans, chip, classes)
     generator = {n for n in trainable if ".patch_embedding." in n}
     assert (generator <= changed) if generator else not any(".patch_embedding." in n for n in changed)
-    model.eval()
-    merged = Probabilities(merge(model)).eval()
-    with torch.inference_mode():
-        expected = merged(x).numpy()
-    path = tmp_path / "m.onnx"
-    torch.onnx.export(merged, (x[:1],), str(path), input_names=["x"], output_names=["p"], opset_version=17,
-                      dynamo=False, dynamic_axes={"x": {0: "batch"}, "p": {0: "batch"}})
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    assert np.abs(got - expected).max() < 1e-4
-    # the generated kernel is a constant of the graph, not recomputed from the generator's weights
     assert not any("weight_generator" in t.name for t in onnx.load(str(path)).graph.initializer)
 
 

@@ -12,7 +12,7 @@ from engine.models.registry import BACKBONES, get_backbone_spec
 from engine.models.segmentor import build_segmentor
 from engine.protocol import EngineError, Reporter
 from engine.tuning import TuningConfig, apply_tuning, count_parameters, merge, trainable_state_dict
-from tests.conftest import make_prithvi_checkpoint
+from tests.conftest import make_prithvi_checkpoint, step_and_export
 
 HLS = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
 
@@ -154,32 +154,8 @@ def test_registry_specs_are_consistent(name):
 def test_every_method_and_decoder_trains_a_step_and_exports(tmp_path, method, decoder):
     """Each tuning method × decoder: logits at the input's size, a step changes what trains and
     only that, and the merged model exports to ONNX with the PyTorch outputs."""
-    import onnxruntime as ort
-
-    from engine.models.segmentor import Probabilities
-
     model = apply_tuning(build_segmentor("prithvi_eo_v2_tiny", 6, 32, 3, decoder, method=method), TuningConfig(method))
-    model.train()
-    x = torch.randn(2, 6, 32, 32)
-    logits = model(x)
-    assert logits.shape == (2, 3, 32, 32)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    torch.nn.functional.cross_entropy(logits, torch.randint(0, 3, (2, 32, 32))).backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert changed and changed <= trainable
-    assert any(n.startswith("decoder.") for n in changed)
-    model.eval()
-    merged = Probabilities(merge(model)).eval()
-    with torch.inference_mode():
-        expected = merged(x).numpy()
-    path = tmp_path / "m.onnx"
-    torch.onnx.export(merged, (x[:1],), str(path), input_names=["x"], output_names=["p"], opset_version=17,
-                      dynamo=False, dynamic_axes={"x": {0: "batch"}, "p": {0: "batch"}})  # as engine.export does
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    assert np.abs(got - expected).max() < 1e-4
+    step_and_export(model, tmp_path, 6)
 
 
 @pytest.mark.parametrize("name", ["prithvi_eo_v2_100", "prithvi_eo_v2_300"])

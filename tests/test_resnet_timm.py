@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,10 +18,11 @@ from engine.models.checkpoints import load_backbone_weights  # noqa: E402
 from engine.models.families import build_encoder, encoder_state  # noqa: E402
 from engine.models.registry import BAND_ALIASES, get_backbone_spec, is_backbone  # noqa: E402
 from engine.models.resnet import FP32Conv2d  # noqa: E402
-from engine.models.segmentor import Probabilities, build_segmentor  # noqa: E402
+from engine.models.segmentor import build_segmentor  # noqa: E402
 from engine.models.timm_backbones import timm_spec  # noqa: E402
 from engine.protocol import EngineError, Reporter  # noqa: E402
 from engine.tuning import TuningConfig, apply_tuning, merge  # noqa: E402
+from tests.conftest import step_and_export  # noqa: E402
 
 S2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
 TINY_VIT = dict(depth=4)  # ViT-Tiny (width 192) with 4 blocks, positions at its 224 px grid
@@ -331,32 +331,10 @@ def test_every_method_and_decoder_trains_a_step_and_exports(tmp_path, arch, meth
     """As tests/test_models.py for Prithvi: logits at the input's size, a step changes what
     trains and only that, and the merged model exports to ONNX with PyTorch's outputs (the ViT at
     64 px with its positions resampled from the 224 px grid)."""
-    import onnxruntime as ort
-
     spec = timm_spec(f"timm:{arch}", **(TINY_VIT if arch.startswith("vit") else {}))
     torch.manual_seed(0)
     model = apply_tuning(build_segmentor(spec, 3, 64, 3, decoder, method=method),
                          TuningConfig(method, rank=4, alpha=4, prompt_tokens=5))
-    model.train()
-    x = torch.randn(2, 3, 64, 64)
-    logits = model(x)
-    assert logits.shape == (2, 3, 64, 64)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    torch.nn.functional.cross_entropy(logits, torch.randint(0, 3, (2, 64, 64))).backward()
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert changed and changed <= trainable and any(n.startswith("decoder.") for n in changed)
+    changed, _, _ = step_and_export(model, tmp_path, 3, chip=64)
     if method in ("lora", "dora"):
         assert any("lora_" in n for n in changed)
-    model.eval()
-    merged = Probabilities(merge(model)).eval()
-    assert not any("lora_" in n for n, _ in merged.named_parameters())
-    with torch.inference_mode():
-        expected = merged(x).numpy()
-    path = tmp_path / "m.onnx"
-    torch.onnx.export(merged, (x[:1],), str(path), input_names=["x"], output_names=["p"], opset_version=17,
-                      dynamo=False, dynamic_axes={"x": {0: "batch"}, "p": {0: "batch"}})  # as engine.export does
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    assert np.abs(got - expected).max() < 1e-4

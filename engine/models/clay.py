@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.blocks import checkpoint_block, run_block
-from engine.models.prithvi import DeepPrompts, SplitQKV
+from engine.models.blocks import ViTBlocks
+from engine.models.prithvi import SplitQKV
 from engine.models.registry import BackboneSpec, band_wavelength
 from engine.protocol import EngineError
 
@@ -245,7 +245,7 @@ class ClayTransformer(nn.Module):
         self.layers = nn.ModuleList(ClayBlock(dim, heads, mlp_ratio) for _ in range(depth))
 
 
-class ClayViT(DeepPrompts, nn.Module):
+class ClayViT(ViTBlocks, nn.Module):
     """Encoder returning the outputs of ``spec.feature_layers`` as images [B, D, H/8, W/8]
     (``forward``), or every block's tokens (``forward_features``), for the bands whose
     wavelengths (µm) are ``waves``. Sides: any multiple of the patch (8)."""
@@ -329,37 +329,11 @@ class ClayViT(DeepPrompts, nn.Module):
         cls = self.cls_token.expand(b, -1, -1).to(tokens.dtype)
         return torch.cat([cls, tokens], dim=1), 1, (1, h, w)
 
-    def _blocks(self, x: torch.Tensor, keep: set[int] | None = None, as_image: bool = False) -> dict[int, torch.Tensor]:
-        """Tokens [B, 1 + h*w, D] after the blocks in ``keep`` (None: every block), the last
-        block's after the final norm; ``as_image``: CLS dropped and as [B, D, h, w]."""
-        tokens, _, (_, h, w) = self.embed_tokens(x)
-        b, d = tokens.shape[0], self.embed_dim
-        out = {}
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            # frozen blocks (PEFT) in training: activation checkpointing, the same values (engine.models.blocks)
-            checkpoint = checkpoint_block(block)
-            if self.prompts is None:
-                tokens = run_block(block, tokens, checkpoint)
-            else:  # deep VPT: this block's prompts after CLS, removed from its output
-                tokens = self.remove_prompts(run_block(block, self.insert_prompts(i, tokens), checkpoint))
-            if keep is None or i in keep:
-                out[i] = self.norm(tokens) if i == last else tokens
-                if as_image:  # D a number, not -1: an exported model must know its channels
-                    out[i] = out[i][:, 1:].transpose(1, 2).reshape(b, d, h, w)
-        return out
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every block's output tokens [B, 1 + h*w, D] (CLS first; the last after the final norm)."""
-        out = self._blocks(x)
-        return [out[i] for i in range(len(self.blocks))]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.adapter is not None:
-            return self.adapter(self, x)
-        out = self._blocks(x, keep=set(self.feature_layers), as_image=True)
-        return [out[i] for i in self.feature_layers]
-
+    def tokens_to_image(self, tokens: torch.Tensor, prefix: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Drop CLS; [B, h*w, D] → [B, D, h, w] (D a number, not -1: an exported model must know
+        its channels)."""
+        _, h, w = grid
+        return tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], self.embed_dim, h, w)
 
 def band_wavelengths(band_names: list[str]) -> list[float]:
     """Each band's centre wavelength (µm) from its name; an unknown one is an error naming it."""

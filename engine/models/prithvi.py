@@ -24,7 +24,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from engine.models.blocks import checkpoint_block, run_block
+from engine.models.blocks import ViTBlocks
 from engine.models.registry import BackboneSpec
 from engine.protocol import EngineError
 
@@ -111,36 +111,7 @@ class SplitQKV(nn.Module):
         return fused.to(self.q.weight.device, self.q.weight.dtype)
 
 
-class DeepPrompts:
-    """Deep visual prompt tuning (VPT, Jia et al. 2022) for a ViT encoder with ``blocks``,
-    ``embed_dim``, ``patch_size`` and ``prompts`` (None until ``add_prompts``); shared by the
-    Prithvi, Clay and timm ViTs. A block loop runs block ``i`` on ``insert_prompts(i, tokens, prefix)``
-    and passes its output through ``remove_prompts(out, prefix)``."""
-
-    def add_prompts(self, tokens: int, dropout: float = 0.1) -> None:
-        """Deep visual prompts: ``tokens`` learned tokens per block, inserted after CLS before
-        the block and dropped after it, so the outputs keep their layout. Initialised uniform in
-        ±sqrt(6 / (3·p² + D)), as in the VPT paper (Xavier over the patch's inputs)."""
-        if tokens < 1:
-            raise EngineError(f"VPT needs at least one prompt token, not {tokens}")
-        bound = (6.0 / (3 * self.patch_size ** 2 + self.embed_dim)) ** 0.5
-        device = next(self.blocks.parameters()).device
-        self.prompts = nn.Parameter(torch.empty(len(self.blocks), tokens, self.embed_dim, device=device)
-                                    .uniform_(-bound, bound))
-        self.prompt_dropout = nn.Dropout(dropout)
-
-    def insert_prompts(self, i: int, tokens: torch.Tensor, prefix: int = 1) -> torch.Tensor:
-        """[B, prefix + N, D] → [B, prefix + n + N, D]: block ``i``'s n prompts after the prefix
-        tokens (CLS, registers)."""
-        prompts = self.prompt_dropout(self.prompts[i]).unsqueeze(0).expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        return torch.cat([tokens[:, :prefix], prompts, tokens[:, prefix:]], dim=1)
-
-    def remove_prompts(self, tokens: torch.Tensor, prefix: int = 1) -> torch.Tensor:
-        """The block's output without its prompts: the layout the block was given."""
-        return torch.cat([tokens[:, :prefix], tokens[:, prefix + self.prompts.shape[1]:]], dim=1)
-
-
-class PrithviViT(DeepPrompts, nn.Module):
+class PrithviViT(ViTBlocks, nn.Module):
     """Encoder returning the outputs of ``spec.feature_layers`` as images [B, t*D, H/p, W/p]
     (``forward``), or every block's tokens (``forward_features``). ``metadata``: build the
     temporal and location encoders (TL variants only). ``in_chans`` are the bands of one frame;
@@ -243,29 +214,12 @@ class PrithviViT(DeepPrompts, nn.Module):
         cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
         return torch.cat([cls, tokens], dim=1), 1, (t, h, w)
 
-    def _blocks(self, x: torch.Tensor, temporal_coords=None, location_coords=None,
-                keep: set[int] | None = None, as_image: bool = False) -> dict[int, torch.Tensor]:
-        """Tokens [B, 1 + t*h*w, D] after the blocks in ``keep`` (None: every block), the last
-        block's after the final norm; ``as_image``: CLS dropped and as [B, t*D, h, w] instead
-        (made inside the loop, as each block ends: the same order of operations, so the same
-        gradients to the last bit, as before forward_features existed)."""
-        tokens, _, (t, h, w) = self.embed_tokens(x, temporal_coords, location_coords)
+    def tokens_to_image(self, tokens: torch.Tensor, prefix: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Drop CLS; [B, (t h w), D] → [B, (t D), h, w]; D a number, not -1: an exported model must
+        know its channels (ONNX batch norm of a linear head refuses an unknown count)."""
+        t, h, w = grid
         b, d = tokens.shape[0], self.embed_dim
-        out = {}
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            # frozen blocks (PEFT) in training: activation checkpointing, the same values (engine.models.blocks)
-            checkpoint = checkpoint_block(block)
-            if self.prompts is None:
-                tokens = run_block(block, tokens, checkpoint)
-            else:  # deep VPT: this block's prompts after CLS, removed from its output
-                tokens = self.remove_prompts(run_block(block, self.insert_prompts(i, tokens), checkpoint))
-            if keep is None or i in keep:
-                out[i] = self.norm(tokens) if i == last else tokens
-                if as_image:  # drop CLS; [B, (t h w), D] → [B, (t D), h, w]; D a number, not -1: an exported
-                    # model must know its channels (ONNX batch norm of a linear head refuses an unknown count)
-                    out[i] = out[i][:, 1:].reshape(b, t, h, w, d).permute(0, 1, 4, 2, 3).reshape(b, t * d, h, w)
-        return out
+        return tokens[:, prefix:].reshape(b, t, h, w, d).permute(0, 1, 4, 2, 3).reshape(b, t * d, h, w)
 
     def forward_features(self, x: torch.Tensor, temporal_coords: torch.Tensor | None = None,
                          location_coords: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -273,8 +227,7 @@ class PrithviViT(DeepPrompts, nn.Module):
         norm). ``x``: [B, C, T, H, W] (or [B, C, H, W] for one frame), sides multiples of the
         patch; any T. ``temporal_coords`` [B, T, 2] = (year, day of year) and ``location_coords``
         [B, 2] = (latitude, longitude), for models with the TL encoders."""
-        out = self._blocks(x, temporal_coords, location_coords)
-        return [out[i] for i in range(len(self.blocks))]
+        return super().forward_features(x, temporal_coords, location_coords)
 
     def set_coords(self, temporal_coords: torch.Tensor | None, location_coords: torch.Tensor | None) -> None:
         """The TL inputs ``forward`` uses when given none: [1, T, 2] (year, day of year) and [1, 2]
@@ -290,12 +243,6 @@ class PrithviViT(DeepPrompts, nn.Module):
             if temporal_coords is not None else None
         loc = torch.as_tensor(location_coords, dtype=torch.float32).reshape(1, 2) if location_coords is not None else None
         self.coords = (t, loc)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.adapter is not None:
-            return self.adapter(self, x)
-        out = self._blocks(x, keep=set(self.spec.feature_layers), as_image=True)
-        return [out[i] for i in self.spec.feature_layers]
 
 
 def build_encoder(spec: BackboneSpec, band_names: list[str], img_size: int, num_frames: int = 1,

@@ -32,8 +32,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from engine.models.blocks import checkpoint_block, run_block
-from engine.models.prithvi import DeepPrompts, SplitQKV
+from engine.models.blocks import ViTBlocks
+from engine.models.prithvi import SplitQKV
 from engine.models.registry import BackboneSpec
 from engine.models.resnet import build_cnn, cnn_encoder_state, feature_net, keep_fp32, select_prefix
 from engine.protocol import EngineError
@@ -124,7 +124,7 @@ def vit_problem(model: nn.Module) -> str | None:
     return None
 
 
-class TimmViT(DeepPrompts, nn.Module):
+class TimmViT(ViTBlocks, nn.Module):
     """A timm ``VisionTransformer``'s encoder: ``forward`` gives the outputs of the spec's four
     feature layers as images [B, D, H/p, W/p]; ``forward_features`` every block's tokens (prefix
     tokens first; the last block's after the final norm)."""
@@ -216,38 +216,11 @@ class TimmViT(DeepPrompts, nn.Module):
             tokens = tokens if pos is None else tokens + pos
         return self.norm_pre(self.pos_drop(tokens)), self.num_prefix, (1, h, w)
 
-    def _blocks(self, x: torch.Tensor, keep: set[int] | None = None, as_image: bool = False) -> dict[int, torch.Tensor]:
-        """Tokens after the blocks in ``keep`` (None: every block), the last block's after the
-        final norm; ``as_image``: the patch tokens as [B, D, h, w] instead."""
-        tokens, prefix, (_, h, w) = self.embed_tokens(x)
-        b, d = tokens.shape[0], self.embed_dim
-        out = {}
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            # frozen blocks (PEFT) in training: activation checkpointing, the same values (engine.models.blocks)
-            checkpoint = checkpoint_block(block)
-            if self.prompts is None:
-                tokens = run_block(block, tokens, checkpoint)
-            else:  # deep VPT: this block's prompts after the prefix tokens, removed from its output
-                tokens = self.remove_prompts(run_block(block, self.insert_prompts(i, tokens, prefix), checkpoint),
-                                             prefix)
-            if keep is None or i in keep:
-                out[i] = self.norm(tokens) if i == last else tokens
-                if as_image:  # D a number, not -1: an exported model must know its channels
-                    out[i] = out[i][:, prefix:].reshape(b, h, w, d).permute(0, 3, 1, 2)
-        return out
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every block's output tokens [B, prefix + h*w, D] (the last after the final norm)."""
-        out = self._blocks(x)
-        return [out[i] for i in range(len(self.blocks))]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.adapter is not None:
-            return self.adapter(self, x)
-        out = self._blocks(x, keep=set(self.feature_layers), as_image=True)
-        return [out[i] for i in self.feature_layers]
-
+    def tokens_to_image(self, tokens: torch.Tensor, prefix: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The patch tokens (prefix tokens dropped) as [B, D, h, w] (D a number, not -1: an
+        exported model must know its channels)."""
+        _, h, w = grid
+        return tokens[:, prefix:].reshape(tokens.shape[0], h, w, self.embed_dim).permute(0, 3, 1, 2)
 
 def build_encoder(spec: BackboneSpec, band_names: list[str], img_size: int, num_frames: int = 1,
                   metadata: bool = False) -> nn.Module:
