@@ -354,7 +354,7 @@ def cmd_embed(a, reporter: Reporter) -> dict:
 
 def cmd_models(a, reporter: Reporter) -> dict:
     from engine.models.decoders import DECODERS  # torch: imported here, never at module import
-    from engine.models.registry import BACKBONES, BAND_ALIASES, band_wavelength
+    from engine.models.registry import BACKBONES, BAND_ALIASES, WAVELENGTHS, band_wavelength
     from engine.tuning import METHODS
 
     rows = []
@@ -376,7 +376,9 @@ def cmd_models(a, reporter: Reporter) -> dict:
     # canonical_band uses after upper-casing and replacing '-' by '_'), so callers such as the
     # QGIS plugin can show which bands will match without a copy of the table.
     # tuning_methods and decoders: the choices `train` accepts, "auto" (its default) first.
-    return {"models": rows, "band_aliases": dict(BAND_ALIASES),
+    # band_wavelengths: centre wavelength (µm) by canonical band name, for the second matching
+    # pass (nearest pretrained band within 3 %, engine.models.checkpoints.match_bands)
+    return {"models": rows, "band_aliases": dict(BAND_ALIASES), "band_wavelengths": dict(WAVELENGTHS),
             "tuning_methods": ["auto", *(m for m in METHODS if m != "auto")],
             "decoders": ["auto", *(d for d in DECODERS if d != "auto")]}
 

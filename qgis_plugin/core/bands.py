@@ -9,6 +9,7 @@ Qt-free.
 """
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ class ModelsInfo:
     tuning_methods: tuple[str, ...] = ()
     decoders: tuple[str, ...] = ()
     patches: dict[str, int] = field(default_factory=dict)  # model → patch size (chip sizes are multiples)
+    wavelengths: dict[str, float] = field(default_factory=dict)  # canonical band name → centre wavelength (µm)
     methods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model → the tuning methods it supports
 
     @classmethod
@@ -35,6 +37,7 @@ class ModelsInfo:
                    tuning_methods=tuple(str(m) for m in done.get("tuning_methods") or ()),
                    decoders=tuple(str(d) for d in done.get("decoders") or ()),
                    patches={m["name"]: int(m["patch"]) for m in done.get("models") or [] if m.get("patch")},
+                   wavelengths={str(k): float(v) for k, v in (done.get("band_wavelengths") or {}).items()},
                    methods={m["name"]: tuple(m["methods"]) for m in done.get("models") or [] if m.get("methods")})
 
     def methods_for(self, model: str) -> tuple[str, ...]:
@@ -46,10 +49,36 @@ class ModelsInfo:
         key = (name or "").strip().upper().replace("-", "_")
         return self.aliases.get(key, key)
 
-    def pretrained_matches(self, model: str, names: list[str]) -> list[str | None]:
-        """For each band name, the pretrained band of ``model`` it matches (None: fresh weights)."""
-        index = {self.canonical(b): b for b in self.bands.get(model, [])}
-        return [index.get(self.canonical(n)) if n and n.strip() else None for n in names]
+    def wavelength(self, name: str) -> float | None:
+        """A band's centre wavelength (µm): written in its name (``705nm``, ``0.705um``) or known
+        for its canonical name (the engine's table)."""
+        text = (name or "").strip().lower().replace(" ", "")
+        m = re.fullmatch(r"(?:.*[^\d.])?(\d+(?:\.\d+)?)(nm|um|µm|μm)", text)
+        if m:
+            return float(m.group(1)) / (1000 if m.group(2) == "nm" else 1)
+        return self.wavelengths.get(self.canonical(name)) if text else None
+
+    def pretrained_matches(self, model: str, names: list[str], tolerance: float = 0.03) -> list[str | None]:
+        """For each band name, the pretrained band of ``model`` it matches (None: fresh weights):
+        the engine's rule (``match_bands``): by name first, else the nearest centre wavelength
+        within 3 %; each pretrained band once."""
+        pretrained = self.bands.get(model, [])
+        index = {self.canonical(b): b for b in pretrained}
+        out: list[str | None] = [None] * len(names)
+        for j, name in enumerate(names):
+            hit = index.get(self.canonical(name)) if name and name.strip() else None
+            if hit is not None and hit not in out:
+                out[j] = hit
+        waves = {b: self.wavelength(b) for b in pretrained}
+        for j, name in enumerate(names):
+            wave = self.wavelength(name) if out[j] is None else None
+            if wave is None:
+                continue
+            near = [(abs(w - wave) / w, b) for b, w in waves.items()
+                    if w and b not in out and abs(w - wave) / w <= tolerance]
+            if near:
+                out[j] = min(near)[1]
+        return out
 
     def find_bands(self, wanted: list[str], available: list[str]) -> list[int | None]:
         """For each wanted band name, its 1-based number among ``available`` (None: not found)."""

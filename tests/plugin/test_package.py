@@ -123,3 +123,18 @@ def test_offline_choices_match_the_engine(engine_models):
     assert info.tuning_methods == TUNING_METHODS
     assert info.decoders == DECODERS
     assert TUNING_METHODS[0] == DECODERS[0] == "auto" and "linear" in DECODERS
+
+
+def test_band_matches_shown_are_the_engines(engine_models):
+    """The band table's matches (name first, then the nearest wavelength within 3 %) are what the
+    engine's loader will do, for every model."""
+    import engine.models  # noqa: F401
+    from engine.models.checkpoints import match_bands
+    from engine.models.registry import BACKBONES
+    from qgis_plugin.core.bands import ModelsInfo
+    info = ModelsInfo.from_summary(engine_models)
+    names = ["B02", "B03", "B04", "B08", "B8A", "705nm", "0.74um", "thermal", "", "B12", "swir16", "VV", "red"]
+    for model, spec in BACKBONES.items():
+        engine_side = match_bands(spec.bands, names)
+        expected = [spec.bands[engine_side[j]] if j in engine_side else None for j in range(len(names))]
+        assert info.pretrained_matches(model, names) == expected, model
