@@ -354,6 +354,7 @@ def cmd_embed(a, reporter: Reporter) -> dict:
 
 def cmd_models(a, reporter: Reporter) -> dict:
     from engine.models.decoders import DECODERS  # torch: imported here, never at module import
+    from engine.models.families import encoder_summary
     from engine.models.registry import BACKBONES, BAND_ALIASES, WAVELENGTHS, band_wavelength
     from engine.tuning import METHODS
 
@@ -381,17 +382,6 @@ def cmd_models(a, reporter: Reporter) -> dict:
     return {"models": rows, "band_aliases": dict(BAND_ALIASES), "band_wavelengths": dict(WAVELENGTHS),
             "tuning_methods": ["auto", *(m for m in METHODS if m != "auto")],
             "decoders": ["auto", *(d for d in DECODERS if d != "auto")]}
-
-
-def encoder_summary(spec) -> tuple[int, list[str]]:
-    """(encoder parameters with the pretraining bands, tuning methods it supports), from an
-    encoder built on the meta device (no memory, no weights)."""
-    import torch
-
-    from engine.models.families import build_encoder
-    with torch.device("meta"):
-        encoder = build_encoder(spec, list(spec.bands), 8 * spec.patch_size)
-    return sum(p.numel() for p in encoder.parameters()), list(encoder.methods)
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export, "evaluate": cmd_evaluate,

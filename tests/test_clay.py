@@ -248,13 +248,15 @@ def test_bands_without_a_known_wavelength_are_refused_clearly():
         build_segmentor(TINY, 2, 32, 2, band_names=["B04", ""])
 
 
-def test_registry_parameter_counts_are_the_encoders():
-    from engine.models.families import build_encoder
-    for name in ("clay_v1", "clay_v1_5"):
+def test_encoder_sizes_are_the_published_ones():
+    """Clay v1.5's specification gives its encoder as 311 M parameters; v1 is a ViT-B (92 M with
+    the wavelength-conditioned embedding)."""
+    from engine.models.families import build_encoder, encoder_summary
+    for name, millions in (("clay_v1", 92.1), ("clay_v1_5", 311.4)):
         spec = get_backbone_spec(name)
+        assert round(encoder_summary(spec)[0] / 1e6, 1) == millions
         with torch.device("meta"):
             encoder = build_encoder(spec, list(spec.bands), 64)
-        assert abs(sum(p.numel() for p in encoder.parameters()) / 1e6 - spec.params_m) < 0.05
         assert [band for band in spec.bands] == S2 and encoder.first_layer_key is None
 
 

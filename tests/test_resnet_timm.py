@@ -15,7 +15,7 @@ import torch
 import engine.models  # noqa: F401 - torchvision fix before timm
 import timm  # noqa: E402
 from engine.models.checkpoints import load_backbone_weights  # noqa: E402
-from engine.models.families import build_encoder, encoder_state  # noqa: E402
+from engine.models.families import build_encoder, encoder_state, encoder_summary  # noqa: E402
 from engine.models.registry import BAND_ALIASES, get_backbone_spec, is_backbone  # noqa: E402
 from engine.models.resnet import FP32Conv2d  # noqa: E402
 from engine.models.segmentor import build_segmentor  # noqa: E402
@@ -175,7 +175,7 @@ def test_decur_specs_are_listed_with_their_facts():
         assert spec.family == "resnet" and spec.hub_repo == "wangyi111/DeCUR" and spec.hub_file.endswith(".pth")
         assert len(spec.bands) == len(spec.mean) == len(spec.std) == chans
         encoder = meta_encoder(spec, list(spec.bands))
-        assert spec.params_m == round(sum(p.numel() for p in encoder.parameters()) / 1e6, 1)
+        assert round(encoder_summary(spec)[0] / 1e6, 1) == 23.5  # torchvision's resnet50 without its fc
         assert encoder.chip_multiple == spec.patch_size == 32 and spec.embed_dim == encoder.out_channels[-1]
         assert encoder.first_layer_key == "conv1.weight" and "vpt" not in encoder.methods
 
@@ -218,7 +218,7 @@ def test_timm_specs_come_from_the_model_config_without_downloading():
     assert (vit.family, vit.embed_dim, vit.depth, vit.num_heads, vit.patch_size) == ("timm", 384, 12, 6, 16)
     assert vit.feature_layers == (2, 5, 8, 11) and vit.bands == ("RED", "GREEN", "BLUE")
     assert vit.hub_repo.startswith("timm/vit_small_patch16_224") and vit.hub_file == "model.safetensors"
-    assert vit.params_m == 21.7 and is_backbone("timm:vit_small_patch16_224")
+    assert round(encoder_summary(vit)[0] / 1e6, 1) == 21.7 and is_backbone("timm:vit_small_patch16_224")
     cnn = get_backbone_spec("timm:resnet50")
     assert cnn.feature_layers == (1, 2, 3, 4) and cnn.patch_size == 32 and cnn.embed_dim == 2048
     with pytest.raises(EngineError, match="unknown timm model 'no_such_net'") as err:

@@ -27,8 +27,8 @@ def create_backbone(name: str, weights=None, bands=None, num_frames: int = 1, im
 
     spec = get_backbone_spec(name)
     bands = list(bands) if bands else list(spec.bands)
-    model = build_encoder(spec, bands * num_frames if spec.family == "prithvi" else bands, img_size, num_frames,
-                          metadata=spec.tl)
+    # every frame carries the same bands (only Prithvi takes more than one)
+    model = build_encoder(spec, bands * num_frames, img_size, num_frames, metadata=spec.tl)
     if weights is not None:
         reporter = Reporter("quiet")
         path = resolve_weights(spec, str(weights), reporter)

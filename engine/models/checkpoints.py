@@ -28,8 +28,6 @@ from engine.models.registry import BackboneSpec, band_wavelength, canonical_band
 from engine.protocol import EngineError, Reporter
 
 DROPPED_KEYS = ("pos_embed", "mask_token")
-# the TL encoders' scales: loaded into an encoder built with them, else dropped
-METADATA_KEYS = ("temporal_embed_enc.scale", "location_embed_enc.scale")
 
 
 @dataclass

@@ -46,3 +46,13 @@ def build_encoder(spec: BackboneSpec, band_names: list[str], img_size: int, num_
 
 def encoder_state(spec: BackboneSpec, state: dict) -> dict:
     return family(spec).encoder_state(state, spec)
+
+
+def encoder_summary(spec: BackboneSpec) -> tuple[int, list[str]]:
+    """(encoder parameters with the pretraining bands, the tuning methods it supports), from an
+    encoder built on the meta device (no memory, no weights)."""
+    import torch
+
+    with torch.device("meta"):
+        encoder = build_encoder(spec, list(spec.bands), 8 * spec.patch_size)
+    return sum(p.numel() for p in encoder.parameters()), list(encoder.methods)

@@ -231,8 +231,8 @@ class PrithviViT(ViTBlocks, nn.Module):
 
     def set_coords(self, temporal_coords: torch.Tensor | None, location_coords: torch.Tensor | None) -> None:
         """The TL inputs ``forward`` uses when given none: [1, T, 2] (year, day of year) and [1, 2]
-        (latitude, longitude) of the scene, stored as buffers (so they travel with the model and
-        into an export); None for both: no metadata."""
+        (latitude, longitude) of the scene, kept on the module (the card stores them; an export traces
+        them as constants); None for both: no metadata."""
         if temporal_coords is None and location_coords is None:
             self.coords = None
             return

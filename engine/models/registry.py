@@ -45,7 +45,6 @@ class BackboneSpec:
     tl: bool = False  # temporal and location encoders (the -TL checkpoints)
     frames: int = 1  # frames in pretraining (any number works: positions are recomputed)
     weights_licence: str = "Apache-2.0"
-    params_m: float = 0.0  # encoder parameters (millions) with the pretraining bands, as listed
     options: tuple = ()  # family-specific settings as (key, value) pairs (e.g. a timm model name)
 
     def option(self, key: str, default=None):
@@ -96,12 +95,10 @@ CLAY_S2_MEAN = (1105.0, 1355.0, 1552.0, 1887.0, 2422.0, 2630.0, 2743.0, 2785.0, 
 CLAY_S2_STD = (1809.0, 1757.0, 1888.0, 1870.0, 1732.0, 1697.0, 1742.0, 1648.0, 1470.0, 1379.0)
 register(BackboneSpec("clay_v1", "clay", 768, 12, 12, 8, (2, 5, 8, 11),
                       bands=CLAY_S2_BANDS, mean=CLAY_S2_MEAN, std=CLAY_S2_STD,
-                      hub_repo="made-with-clay/Clay", hub_file="v1/clay-v1-base.ckpt", weights_licence="Apache-2.0",
-                      params_m=92.1, options=(("gsd", 10.0),)))
+                      hub_repo="made-with-clay/Clay", hub_file="v1/clay-v1-base.ckpt", weights_licence="Apache-2.0", options=(("gsd", 10.0),)))
 register(BackboneSpec("clay_v1_5", "clay", 1024, 24, 16, 8, (5, 11, 17, 23),
                       bands=CLAY_S2_BANDS, mean=CLAY_S2_MEAN, std=CLAY_S2_STD,
-                      hub_repo="made-with-clay/Clay", hub_file="v1.5/clay-v1.5.ckpt", weights_licence="Apache-2.0",
-                      params_m=311.4, options=(("gsd", 10.0),)))
+                      hub_repo="made-with-clay/Clay", hub_file="v1.5/clay-v1.5.ckpt", weights_licence="Apache-2.0", options=(("gsd", 10.0),)))
 
 
 # SSL4EO-S12 / DeCUR ResNet-50 (Wang et al., DeCUR, ECCV 2024; github.com/zhu-xlab/DeCUR): the
@@ -127,11 +124,11 @@ SSL4EO_S1_STD = (5.257, 5.912)
 register(BackboneSpec("decur_rn50_s2", "resnet", 2048, 5, 1, 32, (1, 2, 3, 4),
                       bands=S2_L1C_BANDS, mean=SSL4EO_S2_MEAN, std=SSL4EO_S2_STD,
                       hub_repo="wangyi111/DeCUR", hub_file="rn50_ssl4eo-s12_ms_decur_ep100.pth",
-                      weights_licence="Apache-2.0", params_m=23.5, options=(("model", "resnet50"),)))
+                      weights_licence="Apache-2.0", options=(("model", "resnet50"),)))
 register(BackboneSpec("decur_rn50_s1", "resnet", 2048, 5, 1, 32, (1, 2, 3, 4),
                       bands=S1_BANDS, mean=SSL4EO_S1_MEAN, std=SSL4EO_S1_STD,
                       hub_repo="wangyi111/DeCUR", hub_file="rn50_ssl4eo-s12_sar_decur_ep100.pth",
-                      weights_licence="Apache-2.0", params_m=23.5, options=(("model", "resnet50"),)))
+                      weights_licence="Apache-2.0", options=(("model", "resnet50"),)))
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:

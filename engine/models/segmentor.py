@@ -58,9 +58,9 @@ def build_segmentor(backbone: str | BackboneSpec, in_chans: int, chip_size: int,
         raise EngineError(f"the labels hold {num_classes} class(es); segmentation needs at least 2",
                           hint="label at least two classes")
     encoder = build_encoder(spec, band_names, chip_size, num_frames=num_frames, metadata=metadata)
-    if method is not None and method not in encoder.methods:
-        raise EngineError(f"tuning method {method!r} does not suit {spec.name}",
-                          hint=f"{spec.name} supports: {', '.join(encoder.methods)}")
+    if method is not None:
+        from engine.tuning import check_method
+        check_method(encoder, method)
     if method == "vit-adapter":
         from engine.tuning.vit_adapter import attach_vit_adapter
         attach_vit_adapter(encoder)

@@ -78,10 +78,8 @@ def _timm_spec(arch: str, model_args: tuple) -> BackboneSpec:
             raise EngineError(f"timm model {arch!r} is a ViT GeoPEFT cannot adapt ({problem})",
                               hint=f"choose {SUPPORTED}")
         depth, dim = len(model.blocks), int(model.embed_dim)
-        params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(VIT_HEAD))
         return BackboneSpec(PREFIX + arch, "timm", dim, depth, int(model.blocks[0].attn.num_heads),
                             int(model.patch_embed.patch_size[0]), spaced_layers(depth),
-                            params_m=round(params / 1e6, 1),
                             options=(("model", arch), ("kind", "vit"), ("kwargs", model_args)), **common)
     info = getattr(model, "feature_info", None) or []
     if len(info) < 4:
@@ -92,7 +90,6 @@ def _timm_spec(arch: str, model_args: tuple) -> BackboneSpec:
         net = feature_net(arch, in_chans, levels, dict(model_args))
     channels, strides = net.feature_info.channels(), net.feature_info.reduction()
     return BackboneSpec(PREFIX + arch, "timm", int(channels[-1]), len(info), 1, int(max(strides)), levels,
-                        params_m=round(sum(p.numel() for p in net.parameters()) / 1e6, 1),
                         options=(("model", arch), ("kind", "cnn"), ("kwargs", model_args),
                                  ("first_conv", cfg.get("first_conv") or "")), **common)
 

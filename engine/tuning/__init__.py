@@ -26,7 +26,6 @@ from torch import nn
 from engine.protocol import EngineError
 
 METHODS = ("lora", "dora", "vpt", "vit-adapter", "full", "linear-probe")
-LORA_TARGETS = r".*encoder\.blocks\.\d+\.(attn\.qkv\.[qv]|mlp\.fc[12])"  # Prithvi's (older cards name it)
 
 
 @dataclass
@@ -44,14 +43,20 @@ class TuningConfig:
         return asdict(self)
 
 
+def check_method(encoder: nn.Module, method: str) -> None:
+    """Refuse a method the encoder cannot take (VPT or the ViT-Adapter on a CNN), naming what it
+    supports: before anything loads (``build_segmentor``) and when tuning."""
+    if method not in encoder.methods:
+        name = getattr(getattr(encoder, "spec", None), "name", "this backbone")
+        raise EngineError(f"tuning method {method!r} does not suit {name}",
+                          hint=f"{name} supports: {', '.join(encoder.methods)}")
+
+
 def apply_tuning(model: nn.Module, cfg: TuningConfig) -> nn.Module:
     """Set up ``model`` (a Segmentor) in place for ``cfg.method``; returns it."""
     if cfg.method not in METHODS:
         raise EngineError(f"unknown tuning method {cfg.method!r}", hint=f"choose one of: {', '.join(METHODS)}")
-    methods = getattr(model.encoder, "methods", METHODS)
-    if cfg.method not in methods:
-        raise EngineError(f"tuning method {cfg.method!r} does not suit this backbone",
-                          hint=f"it supports: {', '.join(methods)}")
+    check_method(model.encoder, cfg.method)
     if cfg.method == "vit-adapter" and getattr(model.encoder, "adapter", None) is None:
         raise ValueError("build the model with method='vit-adapter' (build_segmentor) before tuning it")
     if cfg.method == "full":
