@@ -20,8 +20,8 @@ from engine.models.segmentor import build_segmentor
 from engine.protocol import Reporter
 from engine.training.data import ChipDataModule
 from engine.training.task import KeepBest, SegmentationTask
-from engine.training.train import TrainConfig, prepare_data, run_training
-from engine.tuning import TuningConfig, apply_tuning
+from engine.training.train import TrainConfig, choose_method_and_lr, prepare_data, run_training
+from engine.tuning import METHODS, TuningConfig, apply_tuning
 from tests.conftest import REPO, make_prithvi_checkpoint
 
 SIZE, CHIP = 96, 32
@@ -185,3 +185,10 @@ def test_linear_probe_trains_a_light_head_on_a_frozen_encoder(tmp_path):
     assert card["decoder"] == "linear" and card["tuning"]["patch_embed"] is False
     params = card["training"]["parameters"]
     assert params["trainable"] == 2 * (192 + 1)  # one 1×1 convolution: 192 features → 2 classes
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_has_a_learning_rate_on_a_pretrained_backbone(method):
+    """A new method without one failed only when a user trained it on published weights."""
+    chosen, lr = choose_method_and_lr(method, None, pretrained=True, reporter=Reporter("quiet"))
+    assert chosen == method and 0 < lr <= 1e-3

@@ -180,13 +180,12 @@ def load_trained_model(card: dict, folder: Path, reporter: Reporter, trust_check
     trained tensors loaded (``load_trained_tensors``)."""
     from engine.models.checkpoints import load_backbone_weights, resolve_weights, sha256_file
     from engine.models.decoders import DECODERS
-    from engine.models.registry import get_backbone_spec, is_backbone
+    from engine.models.registry import BACKBONES, get_backbone_spec, is_backbone
     from engine.models.segmentor import build_segmentor
     from engine.tuning import METHODS, TuningConfig, apply_tuning
 
     card_file = folder / CARD_FILE
     # names the card's schema cannot check (the registries import torch)
-    from engine.models.registry import BACKBONES
     for what, value, known in (("backbone", card["backbone"]["name"], None), ("decoder", card["decoder"], DECODERS),
                                ("tuning method", card["tuning"]["method"], METHODS)):
         if not (is_backbone(value) if known is None else value in known):

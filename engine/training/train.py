@@ -137,7 +137,7 @@ class TrainingData:
 
 # Learning rates per method for a pretrained backbone: full fine-tuning must not wash out what
 # pretraining learnt; adapters and heads start from scratch and take larger steps.
-PRETRAINED_LR = {"full": 1e-4, "lora": 1e-3, "dora": 1e-3, "vpt": 1e-3, "linear-probe": 1e-3}
+PRETRAINED_LR = {"full": 1e-4, "lora": 1e-3, "dora": 1e-3, "vpt": 1e-3, "vit-adapter": 1e-3, "linear-probe": 1e-3}
 RANDOM_BACKBONE_LR = 3e-3  # nothing to preserve: on the real Sen1Floods11 chip 3e-3 beat 1e-3
 
 
