@@ -27,7 +27,9 @@ from engine.protocol import EngineError
 #    decoder may be "linear"; version-1 cards still load.
 # 3: tuning.prompt_tokens and prompt_dropout (VPT), parent (train --init-from), decoders upernet
 #    and fcn; older cards still load.
-CARD_VERSION = 3
+# 4: input.frames and input.metadata (train --frames/--metadata), backbone.weights.url (hf://),
+#    the vit-adapter method and the Clay, DeCUR and timm backbones.
+CARD_VERSION = 4
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "adapter.safetensors"
 
