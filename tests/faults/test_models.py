@@ -67,6 +67,7 @@ import numpy as np
 import pytest
 import rasterio
 
+from engine.card import CARD_VERSION
 from tests.conftest import TINY, make_prithvi_checkpoint, run_engine
 
 FAST = ["--epochs", "1", "--chip-size", "32", "--batch-size", "8", "--chips-per-epoch", "16"]
@@ -323,7 +324,7 @@ def _edited_model(tiny_model, tmp_path, edit) -> Path:
 
 
 @pytest.mark.parametrize("edit, words, hint", [
-    (lambda c: c.update(card_version=99), ["card version 99", "versions 1 to 3"], "update GeoPEFT"),
+    (lambda c: c.update(card_version=99), ["card version 99", f"versions 1 to {CARD_VERSION}"], "update GeoPEFT"),
     (lambda c: c.update(colour_map="viridis"), ["unknown field colour_map"], "remove the field"),
     (lambda c: c["tuning"].update(qlora_bits=4), ["unknown field tuning.qlora_bits"], "remove the field"),
     (lambda c: c.update(chip_size="32"), ["chip_size should be an integer", "string"], None),
