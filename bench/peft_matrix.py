@@ -76,7 +76,7 @@ def _refused(exc) -> dict:
 
 
 def step_cell(backbone: str, method: str, steps: int, precision: str = "auto", device: str = "auto",
-              levers: bool = True, chip: int = 224, batch: int = 4) -> dict:
+              levers: bool = True, chip: int = 224, batch: int = 4, checkpoint: bool | None = None) -> dict:
     """``bench_train`` on the backbone's bands of the chip; an EngineError as {"error": …}."""
     from engine.protocol import EngineError
 
@@ -85,7 +85,7 @@ def step_cell(backbone: str, method: str, steps: int, precision: str = "auto", d
     try:
         _, names = chip_bands(backbone)
         return bench_train(method, backbone, steps, precision, band_names=names, chip=chip, batch=batch,
-                           levers=levers, device=device)
+                           levers=levers, device=device, checkpoint=checkpoint)
     except EngineError as exc:
         return _refused(exc)
 
@@ -190,9 +190,10 @@ def run(args) -> dict:
     train_labels, test_labels = label_halves(scratch)
     step_args = {"steps": args.steps, "precision": args.precision, "device": args.device}
 
-    def step(backbone, method, levers=True):
+    def step(backbone, method, levers=True, checkpoint=None):
         try:
-            return child("step_cell", {"backbone": backbone, "method": method, "levers": levers, **step_args},
+            return child("step_cell", {"backbone": backbone, "method": method, "levers": levers,
+                                       "checkpoint": checkpoint, **step_args},
                          module="bench.peft_matrix")
         except RuntimeError as exc:  # a crash (not a refusal): shown, the matrix goes on
             return {"error": str(exc).strip().splitlines()[-1]}
@@ -211,6 +212,8 @@ def run(args) -> dict:
     if args.levers_off_row and REFERENCE in backbones and "lora" in methods:
         results["extra"]["lora_levers_off"] = step(REFERENCE, "lora", levers=False)
         print("lora, levers off", results["extra"]["lora_levers_off"], flush=True)
+        results["extra"]["lora_no_checkpointing"] = step(REFERENCE, "lora", checkpoint=False)
+        print("lora, no activation checkpointing", results["extra"]["lora_no_checkpointing"], flush=True)
 
     for backbone in backbones:
         offered = supported_methods(backbone)
@@ -271,9 +274,11 @@ def table(results: dict, args) -> str:
                      f"{m.get('steps', '—') if m and 'error' not in m else '—'} |")
     extra = results["extra"]
     tt, off = extra.get("terratorch_lora"), extra.get("lora_levers_off")
-    if off and "error" not in off:
-        lines.append(f"| {REFERENCE} | lora, memory levers off | random | {fmt_params(off['trainable'])} | "
-                     f"{off['peak_rss_mib']:.0f} | {off['s_per_step']:.2f} | | |")
+    fast = extra.get("lora_no_checkpointing")
+    for row, label in ((off, "lora, memory levers off"), (fast, "lora, --no-activation-checkpointing")):
+        if row and "error" not in row:
+            lines.append(f"| {REFERENCE} | {label} | random | {fmt_params(row['trainable'])} | "
+                         f"{row['peak_rss_mib']:.0f} | {row['s_per_step']:.2f} | | |")
     if tt:
         lines.append("| TerraTorch 1.2.13 prithvi_eo_v2_100_tl | lora (fp32) | random | " +
                      (note(tt["error"]) + " | | |" if "error" in tt else
@@ -291,6 +296,12 @@ def table(results: dict, args) -> str:
             footer.append(f"LoRA / our full fine-tuning ({REFERENCE}): memory "
                           f"{lora['peak_rss_mib'] / ours['full']['peak_rss_mib']:.2f}× (target ≤ 0.5×), step time "
                           f"{lora['s_per_step'] / ours['full']['s_per_step']:.2f}×")
+        if fast and "error" not in fast and tt and "error" not in tt:
+            footer.append(f"LoRA with --no-activation-checkpointing / TerraTorch LoRA: memory "
+                          f"{fast['peak_rss_mib'] / tt['peak_rss_mib']:.2f}×, step time "
+                          f"{fast['s_per_step'] / tt['s_per_step']:.2f}×" +
+                          (f"; / our full fine-tuning: memory {fast['peak_rss_mib'] / ours['full']['peak_rss_mib']:.2f}×"
+                           if "full" in ours else ""))
         if off and "error" not in off:
             footer.append(f"memory levers ({REFERENCE} LoRA): {off['peak_rss_mib']:.0f} → "
                           f"{lora['peak_rss_mib']:.0f} MiB "

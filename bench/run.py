@@ -44,13 +44,16 @@ def peak_rss_mib() -> float:
 
 # ---------------------------------------------------------------- measurements (child processes)
 def bench_train(method: str, backbone: str, steps: int, precision: str, band_names: list[str] | None = None,
-                chip: int = 224, batch: int = 4, levers: bool = True, device: str = "cpu") -> dict:
+                chip: int = 224, batch: int = 4, levers: bool = True, device: str = "cpu",
+                checkpoint: bool | None = None) -> dict:
     """Training steps on random chips (``batch`` × ``chip``², the decoder ``train`` pairs with the
     method: UNet, the linear head for linear-probe; AdamW, 2 classes): the median
     step time of steps 3+, peak memory (this process's RSS; on a GPU the most it allocated) and the
     parameter counts. ``band_names``: the input bands (default: the backbone's pretraining bands).
     ``levers``: training's memory levers, as ``train`` uses them (activation checkpointing of
-    frozen blocks, frozen block weights in bf16 under bf16 autocast); off: as before them."""
+    frozen blocks, frozen block weights in bf16 under bf16 autocast); off: as before them.
+    ``checkpoint``: the activation checkpointing alone (default: as ``levers``; False with levers
+    on is what ``train --no-activation-checkpointing`` trains with)."""
     import torch
 
     import engine.models  # noqa: F401
@@ -76,7 +79,7 @@ def bench_train(method: str, backbone: str, steps: int, precision: str, band_nam
     y = torch.randint(0, 2, (batch, chip, chip), device=dev)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     times = []
-    with blocks.checkpointing(levers), \
+    with blocks.checkpointing(levers if checkpoint is None else checkpoint), \
             frozen_weights_in_bf16(model, levers and use_bf16_weights(precision, accelerator)):
         for _ in range(steps):
             t = time.perf_counter()
